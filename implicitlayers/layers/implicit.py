@@ -1,0 +1,265 @@
+"""ImplicitLayer and the machinery every fixed-point layer shares."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..backward import GRADIENT_MODES, attach_ift, attach_phantom, unrolled_picard
+from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner
+from ..solvers import SolverResult, get_solver, solve, validate_solve_args
+
+__all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer"]
+
+NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
+
+
+class FixedPointModule(nn.Module):
+    """Base class of the layers: solves a fixed point and attaches the chosen gradient.
+
+    Subclasses build a closure z ↦ f(z, x) and an initial guess and call :meth:`fixed_point`. The
+    arguments are those of :class:`ImplicitLayer`.
+    """
+
+    def __init__(
+        self,
+        *,
+        solver: str = "anderson",
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        stop_mode: str = "rel",
+        backward: str = "ift",
+        backward_solver: str | None = None,
+        backward_max_iter: int | None = None,
+        backward_tol: float | None = None,
+        phantom_steps: int = 1,
+        phantom_damping: float = 1.0,
+        on_nonconvergence: str = "warn",
+        solver_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        get_solver(solver)
+        validate_solve_args(max_iter, tol, stop_mode)
+        if backward not in GRADIENT_MODES:
+            raise ValueError(f"backward must be one of {list(GRADIENT_MODES)}, got {backward!r}")
+        if backward_solver is not None:
+            get_solver(backward_solver)
+        validate_solve_args(
+            max_iter if backward_max_iter is None else backward_max_iter,
+            tol if backward_tol is None else backward_tol,
+            stop_mode,
+        )
+        if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
+            raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        if not 0.0 < phantom_damping <= 1.0:
+            raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+        if on_nonconvergence not in NONCONVERGENCE_POLICIES:
+            raise ValueError(
+                f"on_nonconvergence must be one of {list(NONCONVERGENCE_POLICIES)}, got {on_nonconvergence!r}"
+            )
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.stop_mode = stop_mode
+        self.backward = backward
+        self.backward_solver = backward_solver or solver
+        self.backward_max_iter = backward_max_iter or max_iter
+        self.backward_tol = tol if backward_tol is None else backward_tol
+        self.phantom_steps = phantom_steps
+        self.phantom_damping = phantom_damping
+        self.on_nonconvergence = on_nonconvergence
+        self.solver_options = dict(solver_options or {})
+        self.stats: SolverResult | None = None
+        self.backward_stats: SolverResult | None = None
+        self._warn = RateLimitedWarner()
+
+    def fixed_point(self, f: Callable[[Tensor], Tensor], z0: Tensor, needs_grad: bool) -> Tensor:
+        """Solves z = f(z) from ``z0`` and returns z* with this layer's gradient attached.
+
+        Args:
+            f: z ↦ f(z, x), recording autograd when called with grad enabled.
+            z0: Initial guess, shape ``(B, ...)``; in ``"unrolled"`` mode gradients flow through it.
+            needs_grad: Whether anything upstream requires a gradient.
+
+        Returns:
+            z*, shape of ``z0`` (float32 at least), differentiable according to ``backward``.
+        """
+        needs_grad = needs_grad and torch.is_grad_enabled()
+        # Parametrised weights (spectral norm) are computed once per forward, with their graph, and
+        # reused by every evaluation of f: the map must not change during a solve, and the power
+        # iteration must advance once per forward, not once per solver step.
+        with parametrize.cached():
+            self._prime_parametrizations()
+            if self.backward == "unrolled":
+                z, result = unrolled_picard(f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode)
+            else:
+                result = solve(
+                    f,
+                    z0.detach(),
+                    solver=self.solver,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    stop_mode=self.stop_mode,
+                    **self.solver_options,
+                )
+                z = result.z
+                if needs_grad:
+                    z = self._attach_gradient(f, z)
+        self.stats = result.detach()
+        self._report(result, "forward")
+        return z
+
+    def _attach_gradient(self, f: Callable[[Tensor], Tensor], z_star: Tensor) -> Tensor:
+        if self.backward == "ift":
+            return attach_ift(
+                f,
+                z_star,
+                solver=self.backward_solver,
+                max_iter=self.backward_max_iter,
+                tol=self.backward_tol,
+                stop_mode=self.stop_mode,
+                solver_options=self.solver_options if self.backward_solver == self.solver else None,
+                on_result=self._record_backward,
+            )
+        if self.backward == "jfb":
+            return attach_phantom(f, z_star, steps=1, damping=1.0)
+        return attach_phantom(f, z_star, steps=self.phantom_steps, damping=self.phantom_damping)
+
+    def _record_backward(self, result: SolverResult) -> None:
+        self.backward_stats = result.detach()
+        self._report(result, "backward")
+
+    def _prime_parametrizations(self) -> None:
+        for module in self.modules():
+            if parametrize.is_parametrized(module):
+                for name in module.parametrizations:
+                    getattr(module, name)
+
+    def _report(self, result: SolverResult, direction: str) -> None:
+        # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
+        tol = self.tol if direction == "forward" else self.backward_tol
+        if self.on_nonconvergence == "ignore" or tol == 0 or bool(result.converged.all()):
+            return
+        unconverged = float((~result.converged).float().mean())
+        message = (
+            f"{type(self).__name__} {direction} solve did not converge for {unconverged:.1%} of samples "
+            f"(max residual {float(result.residual.max()):.3g} > tol {tol:g}, "
+            f"max_iter {self.max_iter if direction == 'forward' else self.backward_max_iter}); "
+            "raise max_iter, try solver='broyden' or 'anderson', or lower the Lipschitz constant of f"
+        )
+        if self.on_nonconvergence == "raise":
+            raise ConvergenceError(message)
+        self._warn(message, ConvergenceWarning, stacklevel=4)
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, max_iter={self.max_iter}, tol={self.tol:g}, backward={self.backward!r}"
+
+
+class ImplicitLayer(FixedPointModule):
+    """A layer whose output is the fixed point z* = f(z*, x).
+
+    Example:
+        >>> import torch, implicitlayers as il
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(8, 8)
+        ...     def forward(self, z, x):
+        ...         return 0.5 * torch.tanh(self.lin(z)) + x
+        >>> layer = il.ImplicitLayer(Cell(), tol=1e-6)
+        >>> z = layer(torch.randn(5, 8))
+        >>> bool(layer.stats.converged.all())
+        True
+
+    Args:
+        f: An ``nn.Module`` called as ``f(z, x)``, returning a tensor of z's shape. Sample b of its
+            output may depend only on sample b of z and x.
+        solver: Forward solver name (:func:`implicitlayers.available_solvers`). Ignored by
+            ``backward="unrolled"``, which always iterates Picard steps.
+        max_iter: Maximum evaluations of f in the forward solve.
+        tol: Per-sample residual tolerance; 0 runs exactly ``max_iter`` iterations.
+        backward: ``"ift"``, ``"phantom"``, ``"jfb"`` or ``"unrolled"`` (see :mod:`implicitlayers.backward`).
+        backward_solver: Solver of the IFT adjoint equation; defaults to ``solver``.
+        backward_max_iter: Iterations of the adjoint solve; defaults to ``max_iter``.
+        backward_tol: Tolerance of the adjoint solve; defaults to ``tol``.
+        phantom_steps: Damped steps differentiated by ``backward="phantom"``.
+        phantom_damping: λ of those steps, in (0, 1].
+        z_init: Initial guess: ``"zeros"`` (zeros shaped like x), ``"input"`` (x itself) or a callable
+            ``x -> z0``.
+        on_nonconvergence: ``"warn"`` (rate-limited :class:`ConvergenceWarning`), ``"raise"``
+            (:class:`ConvergenceError`) or ``"ignore"``.
+        stop_mode: ``"rel"`` or ``"abs"`` residual.
+        solver_options: Extra solver settings, e.g. ``{"memory": 8}``.
+
+    Attributes:
+        stats: The last forward's :class:`SolverResult`, detached.
+        backward_stats: The last IFT backward solve's :class:`SolverResult`, detached.
+
+    Shapes:
+        x: ``(B, ...)``; output: the shape of z0 (x's shape for ``"zeros"``/``"input"``).
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        *,
+        solver: str = "anderson",
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        backward: str = "ift",
+        backward_solver: str | None = None,
+        backward_max_iter: int | None = None,
+        backward_tol: float | None = None,
+        phantom_steps: int = 1,
+        phantom_damping: float = 1.0,
+        z_init: str | Callable[[Tensor], Tensor] = "zeros",
+        on_nonconvergence: str = "warn",
+        stop_mode: str = "rel",
+        solver_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            solver=solver,
+            max_iter=max_iter,
+            tol=tol,
+            stop_mode=stop_mode,
+            backward=backward,
+            backward_solver=backward_solver,
+            backward_max_iter=backward_max_iter,
+            backward_tol=backward_tol,
+            phantom_steps=phantom_steps,
+            phantom_damping=phantom_damping,
+            on_nonconvergence=on_nonconvergence,
+            solver_options=solver_options,
+        )
+        if not isinstance(f, nn.Module):
+            raise ValueError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+        self.f = f
+        self.z_init = validate_z_init(z_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z0 = initial_guess(self.z_init, x)
+        needs_grad = x.requires_grad or any(p.requires_grad for p in self.f.parameters())
+        return self.fixed_point(lambda z: self.f(z, x), z0, needs_grad)
+
+
+def validate_z_init(z_init: str | Callable[[Tensor], Tensor]) -> str | Callable[[Tensor], Tensor]:
+    """Checks a ``z_init`` argument: ``"zeros"``, ``"input"`` or a callable."""
+    if callable(z_init) or z_init in ("zeros", "input"):
+        return z_init
+    raise ValueError(f"z_init must be 'zeros', 'input' or a callable x -> z0, got {z_init!r}")
+
+
+def initial_guess(z_init: str | Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """The solver's starting point for input ``x`` (kept differentiable for unrolled mode)."""
+    if z_init == "zeros":
+        return torch.zeros_like(x)
+    if z_init == "input":
+        return x
+    z0 = z_init(x)
+    if not isinstance(z0, Tensor):
+        raise ValueError(f"z_init(x) must return a Tensor, got {type(z0).__name__}")
+    return z0

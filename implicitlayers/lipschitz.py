@@ -1,0 +1,177 @@
+"""Lipschitz control: soft spectral normalisation and certified Lipschitz bounds.
+
+An invertible residual block x + g(x) has a unique inverse, and z = x + g(z) a unique solution that
+plain iteration finds, when Lip(g) < 1. :func:`spectral_norm` keeps each linear layer's spectral
+norm at most ``coeff``; :func:`lipschitz_bound` multiplies the per-layer constants into a bound on g.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["ACTIVATION_LIPSCHITZ", "SoftSpectralNorm", "lipschitz_bound", "spectral_norm"]
+
+# Lipschitz constants max |σ'(x)|, rounded up in the 5th decimal so they stay upper bounds.
+# GELU: Φ(x) + xφ(x) peaks at x = √2 (1.1289041...; the tanh approximation peaks at 1.1289931...);
+# SiLU: s(x)(1 + x(1 - s(x))) peaks at x ≈ 2.3994 (1.0998393...).
+ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
+    nn.ReLU: 1.0,
+    nn.Tanh: 1.0,
+    nn.Identity: 1.0,
+    nn.GELU: 1.12891,
+    nn.SiLU: 1.09984,
+    nn.Sigmoid: 0.25,
+    nn.Softplus: 1.0,
+}
+_GELU_TANH_LIPSCHITZ = 1.12900
+
+
+class SoftSpectralNorm(nn.Module):
+    """Parametrisation W ↦ W / max(1, σ̂ / coeff) with σ̂ = uᵀWv estimated by power iteration.
+
+    ``u`` and ``v`` are persistent buffers (so they travel with the state dict). In training mode each
+    call advances them by ``n_power_iterations`` steps under ``no_grad``; in eval mode they are reused,
+    so evaluation is deterministic. σ̂ stays differentiable in W (u and v are constants), as in
+    Miyato et al. and invertible ResNets. Weights whose norm is already below ``coeff`` pass unchanged.
+    """
+
+    def __init__(self, weight: Tensor, coeff: float = 0.9, n_power_iterations: int = 1) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"spectral_norm expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+        if not coeff > 0:
+            raise ValueError(f"coeff must be > 0, got {coeff!r}")
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be an integer >= 1, got {n_power_iterations!r}")
+        self.coeff = float(coeff)
+        self.n_power_iterations = n_power_iterations
+        out_features, in_features = weight.shape
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        u = torch.randn(out_features, generator=generator, dtype=torch.float32).to(weight)
+        v = torch.randn(in_features, generator=generator, dtype=torch.float32).to(weight)
+        self.register_buffer("u", F.normalize(u, dim=0))
+        self.register_buffer("v", F.normalize(v, dim=0))
+        self.refine_(weight)
+
+    @torch.no_grad()
+    def refine_(self, weight: Tensor) -> None:
+        """Sets u, v to the exact leading singular vectors of ``weight`` (one SVD).
+
+        Power iteration from random vectors needs hundreds of steps on square-ish random matrices
+        (their top singular values are close), so σ̂ would start several percent low and the
+        normalised layer's norm would exceed ``coeff``. ``torch.nn.utils.spectral_norm`` refines
+        with 15 power steps for the same reason; an SVD at construction is exact and cheap.
+        """
+        left, _, right_t = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        # Keep the sign of the previous vectors so that a re-refinement changes nothing when exact.
+        sign = 1.0 if float(torch.dot(left[:, 0], self.u.float())) >= 0 else -1.0
+        self.u.copy_(sign * left[:, 0])
+        self.v.copy_(sign * right_t[0])
+
+    @torch.no_grad()
+    def _power_iterate(self, weight: Tensor, iterations: int) -> None:
+        u, v = self.u, self.v
+        for _ in range(iterations):
+            v = F.normalize(weight.t() @ u, dim=0, eps=1e-12)
+            u = F.normalize(weight @ v, dim=0, eps=1e-12)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        """The current estimate σ̂ = uᵀWv of the spectral norm (differentiable in ``weight``)."""
+        return torch.dot(self.u, torch.mv(weight, self.v))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        # Power iteration and σ̂ in the weight's own precision, never autocast to bf16.
+        with torch.autocast(weight.device.type, enabled=False):
+            if self.training:
+                self._power_iterate(weight.detach(), self.n_power_iterations)
+            factor = torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
+            return weight / factor
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        # Assigning module.weight = W stores W itself as the free parameter; re-estimate u, v for it
+        # so that re-initialising a normalised layer keeps σ̂ accurate.
+        self.refine_(weight)
+        return weight
+
+
+def spectral_norm(
+    module: nn.Module, coeff: float = 0.9, n_power_iterations: int = 1, name: str = "weight"
+) -> nn.Module:
+    """Constrains ``module.<name>`` to spectral norm at most ``coeff`` (soft normalisation).
+
+    Uses :mod:`torch.nn.utils.parametrize`: the free parameter lives at
+    ``module.parametrizations.<name>.original`` and the power-iteration vectors at
+    ``module.parametrizations.<name>.0.u`` / ``.v``; state dicts round-trip.
+
+    Args:
+        module: A module with a 2-D weight, typically :class:`torch.nn.Linear`.
+        coeff: Upper bound on the normalised weight's spectral norm (> 0).
+        n_power_iterations: Power-iteration steps per training-mode forward (>= 1).
+        name: The parameter to normalise.
+
+    Returns:
+        The same module, parametrised in place.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"module {type(module).__name__} has no tensor attribute {name!r} to normalise")
+    parametrize.register_parametrization(module, name, SoftSpectralNorm(weight, coeff, n_power_iterations))
+    return module
+
+
+def soft_spectral_norm_of(module: nn.Module, name: str = "weight") -> SoftSpectralNorm | None:
+    """The :class:`SoftSpectralNorm` parametrising ``module.<name>``, if any."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, SoftSpectralNorm):
+            return p
+    return None
+
+
+def lipschitz_bound(module: nn.Module | Callable) -> float:
+    """An upper bound on the Lipschitz constant (in the 2-norm) of ``module``.
+
+    The bound holds for every weight the normalisation allows: a spectrally normalised linear layer
+    counts ``coeff`` (exact up to the power-iteration estimate of σ), any other linear layer its current
+    spectral norm, activations their exact constants (:data:`ACTIVATION_LIPSCHITZ`), dropout
+    1/(1-p) in training mode; a :class:`torch.nn.Sequential` multiplies its children's bounds. A
+    module may also define its own ``lipschitz_bound()`` method. Anything else gives ``inf``.
+
+    Args:
+        module: The map to bound, e.g. ``ImplicitMLP.g``.
+
+    Returns:
+        The bound as a float (``math.inf`` when no bound is known).
+    """
+    own = getattr(module, "lipschitz_bound", None)
+    if callable(own) and isinstance(module, nn.Module):
+        return float(own())
+    if isinstance(module, nn.Sequential):
+        return math.prod(lipschitz_bound(child) for child in module)
+    if isinstance(module, nn.Linear):
+        normalised = soft_spectral_norm_of(module)
+        if normalised is not None:
+            return normalised.coeff
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(module.weight.float(), ord=2))
+    if isinstance(module, nn.ELU):
+        return max(1.0, float(module.alpha))
+    if isinstance(module, nn.GELU) and module.approximate == "tanh":
+        return _GELU_TANH_LIPSCHITZ
+    if isinstance(module, nn.LeakyReLU):
+        return max(1.0, abs(float(module.negative_slope)))
+    if isinstance(module, nn.Dropout):
+        return 1.0 / (1.0 - module.p) if module.training and module.p < 1 else 1.0
+    for kind, constant in ACTIVATION_LIPSCHITZ.items():
+        if type(module) is kind:
+            return constant
+    return math.inf

@@ -1,0 +1,98 @@
+"""Limited-memory ("good") Broyden's method on the residual g(z) = f(z) - z, per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .base import SolverResult, iterate
+
+__all__ = ["Broyden", "broyden"]
+
+
+class BroydenState(NamedTuple):
+    """Low-rank inverse-Jacobian estimate B = -I + Σ_i u_i v_iᵀ and the previous iterate."""
+
+    u: Tensor  # (B, memory, D)
+    v: Tensor  # (B, memory, D)
+    count: int  # rank-one updates stored so far (the newest sits at (count - 1) % memory)
+    z: Tensor  # previous iterate (B, D)
+    g: Tensor  # previous residual g(z) = f(z) - z (B, D)
+
+
+class Broyden:
+    """Quasi-Newton root finding on g(z) = f(z) - z with Broyden's "good" update of the inverse Jacobian.
+
+    The estimate starts at B = -I (so the first step is a Picard step) and receives one rank-one
+    Sherman–Morrison update per iteration; the step is z <- z - B g(z). Because it solves g(z) = 0
+    rather than iterating f, it also finds fixed points of maps that are not contractions (any root
+    with an invertible Jacobian, from a close enough start); on linear problems it terminates in at
+    most 2·D steps when ``memory`` >= 2·D.
+
+    Cost per iteration: one evaluation of ``f`` plus O(memory·D) per sample; memory 2·memory·D per
+    sample. When the memory is full the oldest update is overwritten.
+
+    Args:
+        memory: Rank-one updates kept (>= 1).
+    """
+
+    def __init__(self, memory: int = 20) -> None:
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        self.memory = memory
+
+    def step(self, state: BroydenState | None, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, BroydenState]:
+        g = fz - z
+        if state is None:
+            batch, dim = z.shape
+            state = BroydenState(z.new_zeros(batch, self.memory, dim), z.new_zeros(batch, self.memory, dim), 0, z, g)
+        else:
+            state = self._update(state, z, g, active)
+        n = min(state.count, self.memory)
+        proposal = z - _apply(state.u[:, :n], state.v[:, :n], g)
+        return proposal, state
+
+    def _update(self, state: BroydenState, z: Tensor, g: Tensor, active: Tensor) -> BroydenState:
+        """Adds the rank-one term that makes B map Δg to Δz (the secant condition)."""
+        u, v, count = state.u, state.v, state.count
+        n = min(count, self.memory)
+        dz, dg = z - state.z, g - state.g
+        b_dg = _apply(u[:, :n], v[:, :n], dg)
+        new_v = _apply(v[:, :n], u[:, :n], dz)  # Bᵀ Δz
+        denom = (dz * b_dg).sum(dim=1)
+        scale = torch.linalg.vector_norm(dz, dim=1) * torch.linalg.vector_norm(b_dg, dim=1)
+        # Skip the update where the secant direction is (numerically) orthogonal: it would blow B up.
+        usable = active & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
+        safe_denom = torch.where(usable, denom, torch.ones_like(denom))
+        new_u = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], torch.zeros_like(dz))
+        new_v = torch.where(usable[:, None], new_v, torch.zeros_like(dz))
+        slot = count % self.memory
+        u[:, slot] = new_u
+        v[:, slot] = new_v
+        return BroydenState(u, v, count + 1, z, g)
+
+
+def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
+    """(-I + Σ_i left_i right_iᵀ) x for a batch: left, right (B, n, D); x (B, D)."""
+    if left.shape[1] == 0:
+        return -x
+    coefficients = torch.bmm(right, x[:, :, None])  # (B, n, 1)
+    return torch.bmm(left.transpose(1, 2), coefficients)[..., 0] - x
+
+
+def broyden(
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    memory: int = 20,
+) -> SolverResult:
+    """Solves z = f(z) (a root of f(z) - z) with limited-memory Broyden. See :class:`Broyden`."""
+    # More stored updates than steps can never be used; do not allocate them.
+    rule = Broyden(memory=min(memory, max_iter) if isinstance(memory, int) else memory)
+    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
