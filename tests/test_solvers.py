@@ -1,0 +1,260 @@
+"""Solvers: convergence, per-sample independence, robustness, registry and argument checking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import implicitlayers as il
+from implicitlayers.solvers import Anderson, iterate
+from tests.strategies import SOLVERS, contractive_maps, tolerance_for
+
+BUILTIN = ["picard", "anderson", "broyden"]
+
+
+@given(problem=contractive_maps(), solver=SOLVERS, stop_mode=st.sampled_from(["rel", "abs"]))
+def test_every_solver_reaches_tolerance_and_reports_its_residual(problem, solver, stop_mode):
+    tol = tolerance_for(problem.drive.dtype)
+    result = il.solve(
+        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=300
+    )
+    assert bool(result.converged.all())
+    recomputed = il.residual(result.z, problem(result.z), stop_mode)
+    assert torch.all(result.residual <= tol)
+    torch.testing.assert_close(result.residual, recomputed.float(), rtol=1e-3, atol=tol * 1e-3)
+    assert result.z.dtype == problem.drive.dtype
+    assert result.nstep.dtype == torch.long and result.nstep.shape == (problem.drive.shape[0],)
+    assert len(result.trace) == int(result.nstep.max())
+    assert float(result.trace[-1]) == pytest.approx(float(result.residual.max()))
+
+
+@given(
+    problem=contractive_maps(max_batch=6),
+    solver=SOLVERS,
+    tight=st.booleans(),
+    stop_mode=st.sampled_from(["rel", "abs"]),
+)
+def test_a_sample_converges_as_if_solved_alone(problem, solver, tight, stop_mode):
+    # Samples whose drives differ by 1000x share a batch; each must follow its own trajectory.
+    scales = torch.tensor([1000.0 ** (i % 2) for i in range(problem.drive.shape[0])], dtype=problem.drive.dtype)
+    problem.drive = problem.drive * scales[:, None]
+    tol = tolerance_for(problem.drive.dtype) if tight else 1e-3
+    if stop_mode == "abs" and tight:
+        tol *= 1000  # the large samples' absolute residuals cannot get below their rounding
+    batch = il.solve(
+        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=200
+    )
+    full_drive = problem.drive
+    for i in range(full_drive.shape[0]):
+        problem.drive = full_drive[i : i + 1]
+        alone = il.solve(
+            problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=200
+        )
+        assert int(batch.nstep[i]) == int(alone.nstep[0])
+        assert bool(batch.converged[i]) == bool(alone.converged[0])
+        scale = float(full_drive[i].abs().max()) + 1.0
+        rounding = 1e-9 if full_drive.dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(batch.z[i : i + 1], alone.z, rtol=rounding, atol=rounding * scale)
+
+
+def _linear_root_problem(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z = A z + b with ||A||₂ = 1.5 (not a contraction) and I - A well conditioned."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.empty(dim, dtype=torch.float64).uniform_(-1.5, 0.8, generator=generator)
+    eigenvalues[0] = 1.5
+    a = q @ torch.diag(eigenvalues) @ q.T
+    b = torch.randn(3, dim, generator=generator, dtype=torch.float64)
+    return a, b
+
+
+@given(dim=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+def test_picard_reports_failure_on_a_non_contraction_and_broyden_finds_the_root(dim, seed):
+    a, b = _linear_root_problem(dim, seed)
+
+    def f(z):
+        return z @ a.T + b
+
+    picard = il.solve(f, torch.zeros_like(b), solver="picard", tol=1e-8, max_iter=60)
+    assert not bool(picard.converged.any())
+    assert bool(torch.isfinite(picard.z).all())
+
+    broyden = il.solve(f, torch.zeros_like(b), solver="broyden", tol=1e-8, max_iter=4 * dim + 10)
+    assert bool(broyden.converged.all())
+    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - a, b.T).T
+    torch.testing.assert_close(broyden.z, exact, rtol=1e-6, atol=1e-6)
+
+
+def slow_problem(dim: int, batch: int, seed: int, dtype=torch.float64):
+    """tanh(W z + U x) with W symmetric, ||W||₂ = 0.99 and a small drive (||Ux|| = 0.1·√d).
+
+    Returns ``(f, drive, weight)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    w = (a + a.T) / 2
+    w = 0.99 * w / torch.linalg.matrix_norm(w, ord=2)
+    drive = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    drive = 0.1 * math.sqrt(dim) * drive / drive.norm(dim=1, keepdim=True)
+    w, drive = w.to(dtype), drive.to(dtype)
+    return (lambda z: torch.tanh(z @ w.T + drive)), drive, w
+
+
+def contraction_rate_at(z_star: torch.Tensor, weight: torch.Tensor, drive: torch.Tensor) -> torch.Tensor:
+    """Spectral radius of the Jacobian diag(sech²(W z* + d)) W at each sample's fixed point."""
+    slope = 1 - torch.tanh(z_star @ weight.T + drive) ** 2
+    root = slope.sqrt()
+    symmetric = root[:, :, None] * weight[None] * root[:, None, :]  # similar to the Jacobian
+    return torch.linalg.eigvalsh(symmetric).abs().amax(dim=1)
+
+
+@given(dim=st.integers(16, 48), seed=st.integers(0, 2**31 - 1))
+def test_acceleration_beats_picard_threefold_on_a_slow_problem(dim, seed):
+    f, drive, weight = slow_problem(dim, batch=4, seed=seed)
+    results = {
+        solver: il.solve(f, torch.zeros_like(drive), solver=solver, tol=1e-6, max_iter=5000) for solver in BUILTIN
+    }
+    # Saturation of tanh makes some instances fast for every method (local rate ≈ 0.85); the claim
+    # concerns the slow ones, whose rate at the fixed point is close to ||W||₂ = 0.99.
+    slow = contraction_rate_at(results["picard"].z, weight, drive) >= 0.95
+    assume(bool(slow.any()))
+    steps = {}
+    for solver, result in results.items():
+        assert bool(result.converged.all()), solver
+        steps[solver] = int(result.nstep[slow].sum())
+    assert steps["anderson"] <= steps["picard"] / 3
+    assert steps["broyden"] <= steps["picard"] / 3
+
+
+@given(dim=st.integers(16, 48), seed=st.integers(0, 2**31 - 1), solver=st.sampled_from(["anderson", "broyden"]))
+def test_accelerated_solvers_converge_on_every_slow_instance(dim, seed, solver):
+    f, drive, _ = slow_problem(dim, batch=4, seed=seed)
+    result = il.solve(f, torch.zeros_like(drive), solver=solver, tol=1e-6, max_iter=500)
+    assert bool(result.converged.all())
+
+
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_non_finite_samples_stop_without_leaking(solver):
+    drive = torch.randn(4, 5, dtype=torch.float64)
+    calls = {"n": 0}
+
+    def f(z):
+        calls["n"] += 1
+        out = 0.5 * torch.tanh(z) + drive
+        if calls["n"] >= 3:  # sample 1 blows up from the third evaluation on
+            out = out.clone()
+            out[1] = float("nan")
+            out[2, 0] = float("inf")
+        return out
+
+    result = il.solve(f, torch.zeros_like(drive), solver=solver, tol=1e-10, max_iter=100)
+    assert bool(torch.isfinite(result.z).all())
+    assert bool(torch.isfinite(result.residual).all())
+    assert result.converged.tolist() == [True, False, False, True]
+    assert result.nstep[1] == 3 and result.nstep[2] == 3
+    clean = il.solve(lambda z: 0.5 * torch.tanh(z) + drive, torch.zeros_like(drive), solver=solver, tol=1e-10)
+    torch.testing.assert_close(result.z[[0, 3]], clean.z[[0, 3]])
+    torch.testing.assert_close(result.nstep[[0, 3]], clean.nstep[[0, 3]])
+
+
+def test_non_finite_first_evaluation_returns_the_initial_guess():
+    z0 = torch.ones(2, 3)
+    result = il.solve(lambda z: z * torch.tensor([[float("inf")], [0.5]]), z0, solver="anderson", tol=1e-6)
+    assert result.converged.tolist() == [False, True]
+    torch.testing.assert_close(result.z[0], z0[0])
+    assert math.isinf(float(result.residual[0]))
+
+
+class _DtypeSpy(Anderson):
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def step(self, state, z, fz, active):
+        proposal, state = super().step(state, z, fz, active)
+        self.dtypes |= {z.dtype, fz.dtype, state[0].dtype, state[1].dtype, proposal.dtype}
+        return proposal, state
+
+
+def test_solver_state_stays_float32_under_bf16_autocast():
+    weight = 0.5 * torch.eye(16)
+    drive = torch.randn(8, 16)
+    spy = _DtypeSpy()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fz_dtype = (torch.zeros(1, 16) @ weight).dtype
+        result = iterate(lambda z: torch.tanh(z @ weight) + drive, drive, spy, max_iter=30, tol=1e-2, stop_mode="rel")
+        public = il.solve(lambda z: torch.tanh(z @ weight) + drive, drive.bfloat16(), tol=1e-2)
+    assert fz_dtype == torch.bfloat16  # f really runs in bf16
+    assert spy.dtypes == {torch.float32}
+    assert result.z.dtype == torch.float32 and public.z.dtype == torch.float32
+    assert bool(result.converged.all()) and bool(public.converged.all())
+
+
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_a_converged_start_costs_one_evaluation(solver):
+    drive = torch.randn(3, 4)
+    result = il.solve(lambda z: drive.clone(), drive.clone(), solver=solver, tol=0.0)
+    assert result.nstep.tolist() == [1, 1, 1] and bool(result.converged.all())
+
+
+def test_fixed_point_is_an_alias_of_picard():
+    drive = torch.randn(3, 4)
+    a = il.solve(lambda z: 0.3 * z + drive, torch.zeros_like(drive), solver="fixed_point", tol=1e-6)
+    b = il.solve(lambda z: 0.3 * z + drive, torch.zeros_like(drive), solver="picard", tol=1e-6)
+    torch.testing.assert_close(a.z, b.z)
+    assert {"picard", "fixed_point", "anderson", "broyden"} <= set(il.available_solvers())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": -1.0}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"stop_mode": "max"}, "stop_mode must be one of \\['rel', 'abs'\\]"),
+        ({"solver": "newton"}, "unknown solver 'newton'; available: anderson, broyden"),
+        ({"solver": "anderson", "memroy": 3}, "does not accept option.*memroy.*memory"),
+        ({"solver": "anderson", "memory": 0}, "memory must be an integer >= 1"),
+        ({"solver": "picard", "damping": 1.5}, "damping"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        il.solve(lambda z: 0.5 * z, torch.ones(2, 3), **kwargs)
+
+
+def test_shape_changing_map_is_rejected():
+    with pytest.raises(ValueError, match=r"f\(z0\) has shape \(2, 4\) but z0 has shape \(2, 3\)"):
+        il.solve(lambda z: torch.cat([z, z[:, :1]], dim=1), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="batch dimension"):
+        il.solve(lambda z: z, torch.tensor(1.0))
+
+
+def test_registered_solvers_plug_into_solve_and_layers():
+    calls = []
+
+    def picard_spy(f, z0, *, max_iter, tol, stop_mode, damping=1.0):
+        calls.append(max_iter)
+        return il.get_solver("picard")(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, damping=damping)
+
+    il.register_solver("test.picard_spy", picard_spy)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            il.register_solver("test.picard_spy", picard_spy)
+        assert "test.picard_spy" in il.available_solvers()
+        result = il.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver="test.picard_spy", max_iter=40, tol=1e-8)
+        torch.testing.assert_close(result.z, torch.full((2, 3), 2.0), atol=1e-6, rtol=0)
+        layer = il.ImplicitLayer(_HalfPlusInput(), solver="test.picard_spy", tol=1e-6)
+        layer(torch.ones(2, 3, requires_grad=True)).sum().backward()
+        assert calls[0] == 40 and len(calls) == 3  # solve, layer forward, layer backward (IFT)
+    finally:
+        il.solvers._REGISTRY.pop("test.picard_spy")
+
+
+class _HalfPlusInput(torch.nn.Module):
+    def forward(self, z, x):
+        return 0.5 * z + x
