@@ -1,0 +1,252 @@
+"""Layers: inverse accuracy, shapes, initial guesses, convergence policies, spectral norm in the loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import implicitlayers as il
+from tests.strategies import SOLVERS
+
+ALL_ACTIVATIONS = st.sampled_from(["gelu", "relu", "elu", "tanh", "silu"])
+
+
+def quiet(factory, *args, **kwargs):
+    """Builds a layer whose Lipschitz warning is expected and irrelevant to the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.LipschitzWarning)
+        return factory(*args, **kwargs)
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@given(
+    features=st.integers(2, 24),
+    hidden=st.integers(2, 48),
+    batch=st.integers(1, 33),
+    activation=ALL_ACTIVATIONS,
+    pre_activation=st.booleans(),
+    coeff=st.floats(0.3, 0.85),
+    solver=SOLVERS,
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_implicit_mlp_inverse_recovers_the_input(
+    features, hidden, batch, activation, pre_activation, coeff, solver, seed
+):
+    torch.manual_seed(seed)
+    layer = il.ImplicitMLP(
+        features, hidden, activation=activation, pre_activation=pre_activation, coeff=coeff, solver=solver, tol=1e-10
+    ).double()
+    x = 3 * torch.randn(batch, features, dtype=torch.float64)
+    z = layer(x)
+    assert bool(layer.stats.converged.all())
+    assert relative_error(layer.inverse(z), x) <= 1e-8
+    # z really solves z = x + g(z), row by row.
+    assert relative_error(z, x + layer.g(z)) <= 1e-9
+
+
+@given(
+    dim=st.integers(2, 16),
+    batch=st.integers(1, 33),
+    activation=ALL_ACTIVATIONS,
+    coeff=st.floats(0.3, 0.85),
+    solver=SOLVERS,
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_invertible_residual_inverse_recovers_the_input(dim, batch, activation, coeff, solver, seed):
+    torch.manual_seed(seed)
+    act = il.layers.invertible.make_activation(activation)
+    g = nn.Sequential(
+        il.spectral_norm(nn.Linear(dim, 2 * dim), coeff), act, il.spectral_norm(nn.Linear(2 * dim, dim), coeff)
+    )
+    block = il.InvertibleResidual(g, solver=solver, tol=1e-10, max_iter=200).double()
+    x = torch.randn(batch, dim, dtype=torch.float64)
+    assert relative_error(block.inverse(block(x)), x) <= 1e-8
+    assert bool(block.stats.converged.all())
+
+
+def test_invertible_residual_inverse_is_differentiable():
+    torch.manual_seed(0)
+    g = nn.Sequential(il.spectral_norm(nn.Linear(5, 5), 0.6), nn.Tanh())
+    block = il.InvertibleResidual(g, tol=1e-12, max_iter=100).double().eval()
+    y = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(block.inverse(y).sum(), y)
+    # d x / d y = (I + J_g(x))^{-1}; check against the explicit Jacobian of the forward map.
+    x = block.inverse(y).detach()
+    for i in range(3):
+        jac = torch.func.jacrev(lambda v: block(v[None])[0])(x[i])
+        expected = torch.linalg.solve(jac.T, torch.ones(5, dtype=torch.float64))
+        torch.testing.assert_close(grad[i], expected)
+
+
+def test_implicit_mlp_accepts_any_leading_shape_and_rows_are_independent():
+    torch.manual_seed(1)
+    layer = quiet(il.ImplicitMLP, 8, 16, tol=1e-6)
+    x = torch.randn(2, 3, 5, 8)
+    z = layer(x)
+    assert z.shape == x.shape
+    torch.testing.assert_close(layer(x[1, 2]), z[1, 2])
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
+        layer(torch.randn(3, 7))
+
+
+def test_default_implicit_mlp_converges_and_trains():
+    torch.manual_seed(2)
+    layer = quiet(il.ImplicitMLP, 16, 32)
+    head = nn.Linear(16, 1)
+    optimizer = torch.optim.Adam([*layer.parameters(), *head.parameters()], lr=1e-2)
+    x, target = torch.randn(64, 16), torch.randn(64, 1)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(head(layer(x)), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0]
+    assert bool(layer.stats.converged.all()) and bool(layer.backward_stats.converged.all())
+
+
+def test_power_iteration_advances_once_per_training_forward_not_per_solver_step():
+    torch.manual_seed(3)
+    layer = quiet(il.ImplicitMLP, 6, 12, tol=1e-8, n_power_iterations=2)
+    norm = layer.g[1].parametrizations.weight[0]
+    weight = layer.g[1].parametrizations.weight.original.detach()
+    u, v = norm.u.clone(), norm.v.clone()
+    layer.train()
+    layer(torch.randn(4, 6, requires_grad=True)).sum().backward()
+    assert int(layer.stats.nstep.max()) > 3
+    for _ in range(2):
+        v = nn.functional.normalize(weight.t() @ u, dim=0)
+        u = nn.functional.normalize(weight @ v, dim=0)
+    torch.testing.assert_close(norm.u, u)
+    torch.testing.assert_close(norm.v, v)
+    assert layer.g[1].parametrizations.weight.original.grad is not None
+
+    before = norm.u.clone()
+    layer.eval()
+    first = layer(torch.ones(2, 6))
+    assert torch.equal(norm.u, before) and torch.equal(layer(torch.ones(2, 6)), first)
+
+
+def test_state_dict_round_trips():
+    torch.manual_seed(4)
+    source = quiet(il.ImplicitMLP, 6, 12, tol=1e-8)
+    source.train()
+    source(torch.randn(3, 6))  # advance u, v so they differ from a fresh layer's
+    target = quiet(il.ImplicitMLP, 6, 12, tol=1e-8)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x))
+    keys = set(source.state_dict())
+    assert {"g.1.parametrizations.weight.original", "g.1.parametrizations.weight.0.u", "g.3.bias"} <= keys
+
+
+@pytest.mark.parametrize("z_init", ["zeros", "input", lambda x: 0.5 * x])
+def test_initial_guesses_reach_the_same_fixed_point(z_init):
+    torch.manual_seed(5)
+    layer = quiet(il.ImplicitMLP, 6, 12, tol=1e-10, z_init=z_init).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    reference = quiet(il.ImplicitMLP, 6, 12, tol=1e-10).double()
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), reference(x), rtol=1e-8, atol=1e-8)
+
+
+def test_the_input_is_a_better_start_than_zeros():
+    torch.manual_seed(6)
+    layers = {init: quiet(il.ImplicitMLP, 8, 16, tol=1e-6, z_init=init) for init in ("zeros", "input")}
+    layers["input"].load_state_dict(layers["zeros"].state_dict())
+    x = 5 * torch.randn(16, 8)
+    steps = {init: int(layer(x) is not None and layer.stats.nstep.sum()) for init, layer in layers.items()}
+    assert steps["input"] < steps["zeros"]
+
+
+class _Expanding(nn.Module):
+    def forward(self, z, x):
+        return 1.5 * z + x
+
+
+def test_non_convergence_warns_with_fraction_and_residual_and_is_rate_limited():
+    layer = il.ImplicitLayer(_Expanding(), solver="picard", max_iter=5, tol=1e-6)
+    x = torch.ones(4, 3)
+    with pytest.warns(il.ConvergenceWarning, match=r"100\.0% of samples \(max residual .* > tol 1e-06"):
+        layer(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(9):  # occurrences 2..10: only the 10th warns
+            layer(x)
+    assert [str(w.message).count("occurrence 10") for w in caught] == [1]
+
+
+def test_non_convergence_can_raise_or_be_ignored():
+    x = torch.ones(4, 3)
+    with pytest.raises(il.ConvergenceError, match="did not converge"):
+        il.ImplicitLayer(_Expanding(), solver="picard", max_iter=5, on_nonconvergence="raise")(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = il.ImplicitLayer(_Expanding(), solver="picard", max_iter=5, on_nonconvergence="ignore")(x)
+    assert bool(torch.isfinite(z).all())
+
+
+def test_stats_are_detached_solver_results():
+    layer = quiet(il.ImplicitMLP, 4, 8, tol=1e-6)
+    layer(torch.randn(3, 4, requires_grad=True))
+    assert isinstance(layer.stats, il.SolverResult)
+    assert not layer.stats.z.requires_grad
+    assert set(layer.stats.summary()) == {"nstep_mean", "nstep_max", "residual_max", "unconverged"}
+
+
+def test_lipschitz_warnings_follow_the_certified_bound():
+    with pytest.warns(il.LipschitzWarning, match=r"bounded only by 1\.032"):
+        il.ImplicitMLP(8, 16)  # the reference iMixer setting: GELU before both layers, coeff 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        il.ImplicitMLP(8, 16, activation="relu")
+        il.ImplicitMLP(8, 16, coeff=0.85)
+        il.InvertibleResidual(nn.Sequential(il.spectral_norm(nn.Linear(4, 4), 0.9), nn.Tanh()))
+    with pytest.warns(il.LipschitzWarning, match="cannot be bounded"):
+        il.InvertibleResidual(nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=-1)))
+
+
+def test_bf16_autocast_forward_and_backward():
+    torch.manual_seed(7)
+    layer = quiet(il.ImplicitMLP, 8, 16, tol=1e-2)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(x)
+    assert z.dtype == torch.float32
+    z.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backward": "adjoint"}, "backward must be one of \\['ift', 'phantom', 'jfb', 'unrolled'\\]"),
+        ({"activation": "swish"}, "activation must be one of"),
+        ({"solver": "newton"}, "unknown solver 'newton'; available"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": -1e-3}, "tol"),
+        ({"stop_mode": "max"}, "stop_mode"),
+        ({"z_init": "ones"}, "z_init must be"),
+        ({"on_nonconvergence": "panic"}, "on_nonconvergence must be one of"),
+        ({"phantom_steps": 0}, "phantom_steps"),
+        ({"phantom_damping": 0.0}, "phantom_damping"),
+        ({"backward_solver": "newton"}, "unknown solver"),
+    ],
+)
+def test_bad_layer_arguments_raise_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quiet(il.ImplicitMLP, 4, 8, **kwargs)
+
+
+def test_implicit_layer_requires_a_module():
+    with pytest.raises(ValueError, match=r"f must be an nn\.Module"):
+        il.ImplicitLayer(lambda z, x: z)

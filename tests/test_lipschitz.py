@@ -1,0 +1,161 @@
+"""Spectral normalisation and Lipschitz bounds."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import implicitlayers as il
+
+ACTIVATION_MODULES = st.sampled_from([nn.GELU, nn.ReLU, nn.ELU, nn.Tanh, nn.SiLU, nn.Identity])
+
+
+def spectral(weight: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))
+
+
+@given(
+    out_features=st.integers(1, 64),
+    in_features=st.integers(1, 64),
+    scale=st.floats(0.1, 10.0),
+    coeff=st.floats(0.1, 1.5),
+    train=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_normalised_weight_norm_is_at_most_coeff_from_the_first_forward(
+    out_features, in_features, scale, coeff, train, seed
+):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    raw = spectral(layer.weight)
+    il.spectral_norm(layer, coeff=coeff)
+    layer.train(train)
+    normalised = spectral(layer.weight)
+    assert normalised <= coeff * (1 + 1e-5)
+    if raw <= coeff:  # soft normalisation leaves small weights alone
+        torch.testing.assert_close(layer.weight, layer.parametrizations.weight.original)
+    else:
+        assert normalised == pytest.approx(coeff, rel=1e-4)
+
+
+def test_power_iteration_runs_in_training_mode_only():
+    torch.manual_seed(0)
+    layer = il.spectral_norm(nn.Linear(20, 30), n_power_iterations=3)
+    norm = layer.parametrizations.weight[0]
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(0.3 * torch.randn(30, 20))
+    u_before = norm.u.clone()
+    layer.eval()
+    eval_weight = layer.weight
+    assert torch.equal(norm.u, u_before) and torch.equal(layer.weight, eval_weight)
+    layer.train()
+    layer.weight  # noqa: B018  (computing the weight is what advances the power iteration)
+    assert not torch.equal(norm.u, u_before)
+
+
+def test_sigma_is_differentiable_in_the_weight():
+    torch.manual_seed(1)
+    layer = il.spectral_norm(nn.Linear(6, 5), coeff=0.5).eval()
+    original = layer.parametrizations.weight.original
+    norm = layer.parametrizations.weight[0]
+    (ours,) = torch.autograd.grad(layer.weight.pow(2).sum(), original)
+    w = original.detach().clone().requires_grad_()
+    sigma = norm.u @ w @ norm.v
+    (expected,) = torch.autograd.grad((w / torch.clamp(sigma / 0.5, min=1.0)).pow(2).sum(), w)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_assigning_a_weight_refines_the_estimate():
+    layer = il.spectral_norm(nn.Linear(40, 40), coeff=0.9)
+    new_weight = 5 * torch.randn(40, 40)
+    layer.weight = new_weight
+    torch.testing.assert_close(layer.parametrizations.weight.original, new_weight)
+    assert spectral(layer.weight) == pytest.approx(0.9, rel=1e-5)
+
+
+def test_state_dict_round_trips_and_names_its_buffers():
+    torch.manual_seed(2)
+    source = il.spectral_norm(nn.Linear(8, 8), n_power_iterations=2)
+    source(torch.randn(2, 8))
+    target = il.spectral_norm(nn.Linear(8, 8))
+    state = source.state_dict()
+    assert set(state) == {
+        "bias",
+        "parametrizations.weight.original",
+        "parametrizations.weight.0.u",
+        "parametrizations.weight.0.v",
+    }
+    target.load_state_dict(state)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"coeff": 0.0}, "coeff must be > 0"), ({"n_power_iterations": 0}, "n_power_iterations must be an integer")],
+)
+def test_bad_spectral_norm_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        il.spectral_norm(nn.Linear(3, 3), **kwargs)
+    with pytest.raises(ValueError, match="2-D weight"):
+        il.spectral_norm(nn.Conv1d(2, 2, 3))
+
+
+def test_bounds_of_known_modules():
+    sn = il.spectral_norm(nn.Linear(4, 4), coeff=0.9)
+    reference_g = nn.Sequential(nn.GELU(), sn, nn.GELU(), il.spectral_norm(nn.Linear(4, 4), coeff=0.9))
+    assert il.lipschitz_bound(reference_g) == pytest.approx(0.81 * 1.1289**2, rel=1e-4)
+    assert il.lipschitz_bound(reference_g) >= 0.81 * 1.128904145**2
+    plain = nn.Linear(5, 3)
+    assert il.lipschitz_bound(plain) == pytest.approx(spectral(plain.weight), rel=1e-5)
+    assert il.lipschitz_bound(nn.ELU(alpha=2.0)) == 2.0
+    assert il.lipschitz_bound(nn.Dropout(0.5).train()) == 2.0 and il.lipschitz_bound(nn.Dropout(0.5).eval()) == 1.0
+    assert math.isinf(il.lipschitz_bound(nn.Softmax(dim=-1)))
+    assert math.isinf(il.lipschitz_bound(nn.Sequential(sn, nn.LayerNorm(4))))
+
+    class Custom(nn.Module):
+        def lipschitz_bound(self):
+            return 0.25
+
+    assert il.lipschitz_bound(nn.Sequential(Custom(), nn.Tanh())) == 0.25
+
+
+def test_activation_constants_bound_the_true_derivatives():
+    x = torch.linspace(-8, 8, 200001, dtype=torch.float64, requires_grad=True)
+    for module in (nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh(), nn.ELU(), nn.Sigmoid()):
+        (slope,) = torch.autograd.grad(module(x).sum(), x)
+        true = float(slope.abs().max())
+        assert true <= il.lipschitz_bound(module) <= true + 1e-4
+
+
+@given(
+    widths=st.lists(st.integers(1, 24), min_size=2, max_size=4),
+    activations=st.lists(ACTIVATION_MODULES, min_size=3, max_size=3),
+    coeffs=st.lists(st.floats(0.2, 1.2), min_size=3, max_size=3),
+    normalise=st.lists(st.booleans(), min_size=3, max_size=3),
+    train=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bound_is_never_below_the_empirical_lipschitz_ratio(widths, activations, coeffs, normalise, train, seed):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
+        linear = nn.Linear(fan_in, fan_out).double()
+        with torch.no_grad():
+            linear.weight.mul_(3.0)
+        layers += [il.spectral_norm(linear, coeff=coeffs[i]) if normalise[i] else linear, activations[i]()]
+    g = nn.Sequential(*layers).train(train)
+    bound = il.lipschitz_bound(g)
+    with torch.no_grad():
+        a = torch.randn(256, widths[0], dtype=torch.float64)
+        b = a + 10 ** torch.empty(256, 1, dtype=torch.float64).uniform_(-4, 0) * torch.randn_like(a)
+        ratios = (g(a) - g(b)).norm(dim=1) / (a - b).norm(dim=1)
+    assert float(ratios.max()) <= bound * (1 + 1e-6)
