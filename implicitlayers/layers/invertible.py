@@ -56,7 +56,10 @@ class InvertibleResidual(FixedPointModule):
         g: The residual branch, mapping ``(B, ...)`` to the same shape; for a guaranteed inverse make it
             a contraction, e.g. with :func:`implicitlayers.spectral_norm` (a warning is emitted when
             :func:`implicitlayers.lipschitz_bound` cannot certify that).
-        solver, max_iter, tol, backward: As in :class:`ImplicitLayer`, for the inverse.
+        solver: Solver of the inverse (see :class:`ImplicitLayer`).
+        max_iter: Maximum evaluations of g in the inverse's solve.
+        tol: Residual tolerance of the inverse.
+        backward: Gradient mode of the inverse (``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"``).
         **options: Any other :class:`ImplicitLayer` option (``backward_solver``, ``stop_mode``,
             ``phantom_steps``, ``on_nonconvergence``, ``solver_options``, ...).
     """
@@ -114,8 +117,13 @@ class ImplicitMLP(FixedPointModule):
         bias: Give both linear layers a bias.
         coeff: Spectral-norm bound of each linear layer.
         n_power_iterations: Power-iteration steps per training forward.
-        solver, max_iter, tol, backward, z_init, on_nonconvergence: As in :class:`ImplicitLayer`
-            (``z_init`` defaults to ``"input"``: start from x).
+        solver: Forward solver. Broyden by default: a root finder, it does not rely on g being a
+            contraction, which the default GELU/coeff 0.9 setting does not certify.
+        max_iter: Maximum evaluations of g per solve.
+        tol: Per-row residual tolerance; 0 runs exactly ``max_iter`` iterations.
+        backward: Gradient mode, as in :class:`ImplicitLayer`.
+        z_init: Initial guess; ``"input"`` (the default) starts from x, exact when g = 0.
+        on_nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``, as in :class:`ImplicitLayer`.
         **options: Any other :class:`ImplicitLayer` option.
 
     Shapes:
