@@ -167,8 +167,9 @@ def test_ift_memory_keeps_one_graph_of_f():
             recorded.append(out.requires_grad)
             return out
 
-    layer = il.ImplicitLayer(Recording(), tol=1e-8, max_iter=50)
-    layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    torch.manual_seed(4)
+    layer = il.ImplicitLayer(Recording(), tol=1e-10, max_iter=50).double()
+    layer(torch.randn(2, 4, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert sum(recorded) == 1 and len(recorded) > 5
 
 

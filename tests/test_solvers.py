@@ -137,6 +137,26 @@ def test_accelerated_solvers_converge_on_every_slow_instance(dim, seed, solver):
     assert bool(result.converged.all())
 
 
+@given(
+    dim=st.integers(16, 48),
+    seed=st.integers(0, 2**31 - 1),
+    method=st.sampled_from(["first", "second"]),
+    memory=st.integers(2, 12),
+)
+def test_broyden_converges_when_its_memory_fills_up(dim, seed, method, memory):
+    # More iterations than stored updates: the estimate must restart, not degrade into divergence.
+    f, drive, _ = slow_problem(dim, batch=4, seed=seed)
+    result = il.solve(f, torch.zeros_like(drive), solver="broyden", tol=1e-6, max_iter=600, memory=memory, method=method)
+    assert bool(result.converged.all())
+    assert int(result.nstep.max()) > memory
+
+
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_an_empty_batch_is_solved_trivially(solver):
+    result = il.solve(lambda z: 0.5 * z, torch.zeros(0, 3), solver=solver)
+    assert result.z.shape == (0, 3) and result.nstep.shape == (0,) and result.converged.shape == (0,)
+
+
 @pytest.mark.parametrize("solver", BUILTIN)
 def test_non_finite_samples_stop_without_leaking(solver):
     drive = torch.randn(4, 5, dtype=torch.float64)

@@ -90,8 +90,8 @@ def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
         Residuals, shape ``(B,)``, in at least float32.
     """
     work = torch.promote_types(z.dtype, torch.float32)
-    z2 = z.reshape(z.shape[0], -1).to(work)
-    f2 = fz.reshape(fz.shape[0], -1).to(work)
+    z2 = z.reshape(z.shape[0], math.prod(z.shape[1:])).to(work)
+    f2 = fz.reshape(fz.shape[0], math.prod(fz.shape[1:])).to(work)
     diff = torch.linalg.vector_norm(f2 - z2, dim=1)
     if stop_mode == "abs":
         return diff
@@ -192,7 +192,7 @@ def _iterate(
 ) -> SolverResult:
     shape, device_type = z0.shape, z0.device.type
     dtype = working_dtype(z0.dtype)
-    z = z0.detach().reshape(shape[0], -1).to(dtype)
+    z = z0.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype)  # -1 fails on an empty batch
     tracker = _Tracker(z, tol, stop_mode)
     state = None
     for evaluation in range(max_iter):
@@ -220,4 +220,4 @@ def _evaluate(f: Callable[[Tensor], Tensor], z: Tensor, shape: torch.Size, dtype
             f"f(z0) has shape {tuple(fz.shape)} but z0 has shape {tuple(shape)}; "
             "f must map a tensor to a tensor of the same shape"
         )
-    return fz.detach().reshape(shape[0], -1).to(dtype)
+    return fz.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype)

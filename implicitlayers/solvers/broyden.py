@@ -18,7 +18,7 @@ class BroydenState(NamedTuple):
 
     u: Tensor  # (B, memory, D)
     v: Tensor  # (B, memory, D)
-    count: int  # rank-one updates stored so far (the newest sits at (count - 1) % memory)
+    count: int  # rank-one updates stored since the last restart
     z: Tensor  # previous iterate (B, D)
     g: Tensor  # previous residual g(z) = f(z) - z (B, D)
 
@@ -38,12 +38,11 @@ class Broyden:
     Two classic updates are offered. Broyden's *second* ("bad") method, the default, changes B least in
     the direction of Δg: B += (Δz - B Δg) Δgᵀ / (Δgᵀ Δg). The *first* ("good") method, used by the DEQ
     reference code and torchdeq, changes it least along Δz: B += (Δz - B Δg) Δzᵀ B / (Δzᵀ B Δg). On the
-    slow tanh problems of the test suite (contraction rate ≈ 0.99, 120 random instances, tol 1e-6) the
-    first method diverged on 41 and the second on none while needing fewer iterations (median 0.13× of
-    Picard's), so the second is the default.
+    slow tanh problems of the test suite (||W||₂ = 0.99, 120 random instances, tol 1e-6, memory 20)
+    both always converged, the second in a median 0.14× of Picard's evaluations, the first in 0.16×.
 
     Cost per iteration: one evaluation of ``f`` plus O(memory·D) per sample; memory 2·memory·D per
-    sample. When the memory is full the oldest update is overwritten.
+    sample. When the memory is full the estimate restarts from -I.
 
     Args:
         memory: Rank-one updates kept (>= 1).
@@ -72,7 +71,14 @@ class Broyden:
     def _update(self, state: BroydenState, z: Tensor, g: Tensor, active: Tensor) -> BroydenState:
         """Adds the rank-one term u vᵀ that makes B map Δg to Δz (the secant condition)."""
         u, v, count = state.u, state.v, state.count
-        n = min(count, self.memory)
+        if count == self.memory:
+            # Each stored term was built on top of all earlier ones, so overwriting the oldest would
+            # leave an estimate no Broyden update produced (the first method then diverges on slow
+            # problems). A full memory restarts from B = -I instead, from the current iterate.
+            u.zero_()
+            v.zero_()
+            count = 0
+        n = count
         dz, dg = z - state.z, g - state.g
         b_dg = _apply(u[:, :n], v[:, :n], dg)
         # Second method: v = Δg. First method: v = Bᵀ Δz.
@@ -82,9 +88,8 @@ class Broyden:
         # Skip the update where the secant direction is (numerically) orthogonal: it would blow B up.
         usable = active & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
         safe_denom = torch.where(usable, denom, torch.ones_like(denom))
-        slot = count % self.memory
-        u[:, slot] = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], torch.zeros_like(dz))
-        v[:, slot] = torch.where(usable[:, None], direction, torch.zeros_like(dz))
+        u[:, count] = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], torch.zeros_like(dz))
+        v[:, count] = torch.where(usable[:, None], direction, torch.zeros_like(dz))
         return BroydenState(u, v, count + 1, z, g)
 
 
