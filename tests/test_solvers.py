@@ -146,7 +146,9 @@ def test_accelerated_solvers_converge_on_every_slow_instance(dim, seed, solver):
 def test_broyden_converges_when_its_memory_fills_up(dim, seed, method, memory):
     # More iterations than stored updates: the estimate must restart, not degrade into divergence.
     f, drive, _ = slow_problem(dim, batch=4, seed=seed)
-    result = il.solve(f, torch.zeros_like(drive), solver="broyden", tol=1e-6, max_iter=600, memory=memory, method=method)
+    result = il.solve(
+        f, torch.zeros_like(drive), solver="broyden", tol=1e-6, max_iter=600, memory=memory, method=method
+    )
     assert bool(result.converged.all())
     assert int(result.nstep.max()) > memory
 
