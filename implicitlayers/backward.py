@@ -4,15 +4,12 @@ Every function here takes ``f``, a closure z ↦ f(z, x) that records autograd, 
 whose *value* is the solver's z* but whose gradient follows the chosen mode. Keeping the value fixed
 means a layer's output does not depend on the gradient mode, nor on train versus eval.
 
-=========== ================================================ ======================================
-mode        gradient                                         memory / compute in backward
-=========== ================================================ ======================================
-``ift``     exact at the fixed point: u = v + J_fᵀ u solved   one graph of f; one VJP per backward
-            by a solver, then (∂f/∂θ)ᵀ u, (∂f/∂x)ᵀ u          solver iteration
-``phantom`` k damped steps from z*, differentiated            k graphs of f
-``jfb``     one undamped step (phantom, k = 1, λ = 1)          one graph of f, no solve
-``unrolled`` autograd through the forward Picard iterations   one graph per iteration
-=========== ================================================ ======================================
+| mode | gradient | backward cost |
+| --- | --- | --- |
+| `ift` | exact: solve u = v + J_fᵀ u, return (∂f/∂θ)ᵀ u, (∂f/∂x)ᵀ u | one graph of f; a VJP per adjoint step |
+| `phantom` | k damped steps from z*, differentiated | k graphs of f |
+| `jfb` | one undamped step (phantom, k = 1, λ = 1) | one graph of f, no solve |
+| `unrolled` | autograd through the forward Picard iterations | one graph per iteration |
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from .solvers import SolverResult, residual, solve
 __all__ = ["GRADIENT_MODES", "attach_ift", "attach_phantom", "unrolled_picard"]
 
 GRADIENT_MODES = ("ift", "phantom", "jfb", "unrolled")
+"""The accepted values of the layers' ``backward=`` argument."""
 
 
 def _with_value(value: Tensor, carrier: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ After :func:`register`, ``"torchdeq.anderson"``, ``"torchdeq.broyden"`` and ``"t
 work wherever a solver name does: :func:`implicitlayers.solve`, the layers' ``solver=`` and
 ``backward_solver=`` arguments, and ``solver_options`` (TorchDEQ's option names, listed below).
 
-Example:
+Examples:
     >>> import torch, implicitlayers as il
     >>> from implicitlayers.contrib import torchdeq as il_torchdeq
     >>> names = il_torchdeq.register()
@@ -200,6 +200,7 @@ SOLVER_NAMES: dict[str, Callable[..., SolverResult]] = {
     "torchdeq.broyden": broyden,
     "torchdeq.fixed_point_iter": fixed_point_iter,
 }
+"""The names :func:`register` adds to the solver registry, and the adapter behind each."""
 
 
 def register(*, overwrite: bool = False) -> list[str]:

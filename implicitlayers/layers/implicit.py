@@ -162,7 +162,7 @@ class FixedPointModule(nn.Module):
 class ImplicitLayer(FixedPointModule):
     """A layer whose output is the fixed point z* = f(z*, x).
 
-    Example:
+    Examples:
         >>> import torch, implicitlayers as il
         >>> class Cell(torch.nn.Module):
         ...     def __init__(self):

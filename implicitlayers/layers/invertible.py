@@ -102,7 +102,7 @@ class ImplicitMLP(FixedPointModule):
     The inverse of the layer, x = z - g(z), is explicit (:meth:`inverse`). Every row of the flattened
     input (all leading dims) is an independent problem, so each converges on its own.
 
-    Example:
+    Examples:
         >>> import torch, implicitlayers as il
         >>> layer = il.ImplicitMLP(16, 32, activation="relu", tol=1e-6)
         >>> x = torch.randn(4, 16)

@@ -94,7 +94,7 @@ def solve(
 ) -> SolverResult:
     """Finds z with z = f(z), independently for every sample of a batch.
 
-    Example:
+    Examples:
         >>> import torch, implicitlayers as il
         >>> x = torch.randn(4, 3)
         >>> res = il.solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), tol=1e-6)
