@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 import implicitlayers as il
+from implicitlayers.problems import symmetric_tanh_problem
 
 SOLVERS = ["picard", "anderson", "broyden"]
 P3_TOL, P3_THRESHOLD = 1e-10, 1e-8
@@ -166,26 +167,12 @@ def gradient_accuracy(seed: int, batch: int, dim: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- P7
-def slow_problem(dim: int, batch: int, seed: int) -> tuple[Any, Tensor]:
-    """f(z) = tanh(W z + U x): symmetric W, dominant eigenvalue -0.99; ||U x|| = 0.1·sqrt(dim)."""
-    generator = torch.Generator().manual_seed(seed)
-    a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-    w = (a + a.T) / 2
-    eigenvalues = torch.linalg.eigvalsh(w)
-    dominant = eigenvalues[-1] if eigenvalues[-1] > -eigenvalues[0] else eigenvalues[0]
-    w = -0.99 * w / dominant
-    u = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
-    x = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
-    drive = x @ u.T
-    drive = 0.1 * math.sqrt(dim) * drive / torch.linalg.vector_norm(drive, dim=1, keepdim=True)
-    return (lambda z: torch.tanh(z @ w.T + drive)), drive
-
-
 def acceleration(seeds: Sequence[int], batch: int, dim: int) -> dict[str, Any]:
     nsteps: dict[str, list[Tensor]] = {solver: [] for solver in SOLVERS}
     converged: dict[str, list[Tensor]] = {solver: [] for solver in SOLVERS}
     for seed in seeds:
-        f, drive = slow_problem(dim, batch, seed)
+        f = symmetric_tanh_problem(dim, batch, seed=seed)
+        drive = f.drive
         for solver in SOLVERS:
             result = il.solve(f, torch.zeros_like(drive), solver=solver, tol=P7_TOL, max_iter=P7_MAX_ITER)
             nsteps[solver].append(result.nstep)
