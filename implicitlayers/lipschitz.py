@@ -7,6 +7,7 @@ norm at most ``coeff``; :func:`lipschitz_bound` multiplies the per-layer constan
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -68,14 +69,33 @@ class SoftSpectralNorm(nn.Module):
         normalised layer's norm would exceed ``coeff``. ``torch.nn.utils.spectral_norm`` refines
         with 15 power steps for the same reason; an SVD at construction is exact and cheap.
         """
-        left, _, right_t = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        weight = weight.detach()
+        if weight.device.type == "meta" or self._is_singular_pair(weight):
+            # Nothing to compute on the meta device; and registering the parametrisation calls
+            # right_inverse with the very weight just refined at construction: skip the second SVD.
+            return
+        left, _, right_t = torch.linalg.svd(weight.float(), full_matrices=False)
         # Keep the sign of the previous vectors so that a re-refinement changes nothing when exact.
         sign = 1.0 if float(torch.dot(left[:, 0], self.u.float())) >= 0 else -1.0
         self.u.copy_(sign * left[:, 0])
         self.v.copy_(sign * right_t[0])
 
+    def _is_singular_pair(self, weight: Tensor) -> bool:
+        """Whether (u, v) already are the leading singular pair of ``weight`` (to float32 accuracy)."""
+        w, u, v = weight.float(), self.u.float(), self.v.float()
+        sigma = torch.dot(u, w @ v)
+        if not bool(sigma > 0):
+            return False
+        tolerance = 1e-5 * float(sigma)
+        # Both residuals vanish only for a singular pair; a pair computed for another weight is not one.
+        left_residual = float(torch.linalg.vector_norm(w @ v - sigma * u))
+        right_residual = float(torch.linalg.vector_norm(w.t() @ u - sigma * v))
+        return left_residual <= tolerance and right_residual <= tolerance
+
     @torch.no_grad()
     def _power_iterate(self, weight: Tensor, iterations: int) -> None:
+        if weight.device.type == "meta":
+            return
         u, v = self.u, self.v
         for _ in range(iterations):
             v = F.normalize(weight.t() @ u, dim=0, eps=1e-12)
@@ -89,7 +109,7 @@ class SoftSpectralNorm(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         # Power iteration and σ̂ in the weight's own precision, never autocast to bf16.
-        with torch.autocast(weight.device.type, enabled=False):
+        with _without_autocast(weight.device.type):
             if self.training:
                 self._power_iterate(weight.detach(), self.n_power_iterations)
             factor = torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
@@ -100,6 +120,12 @@ class SoftSpectralNorm(nn.Module):
         # so that re-initialising a normalised layer keeps σ̂ accurate.
         self.refine_(weight)
         return weight
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if device_type == "meta":  # autocast knows no meta device; shapes are all that is computed there
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def spectral_norm(

@@ -159,3 +159,16 @@ def test_bound_is_never_below_the_empirical_lipschitz_ratio(widths, activations,
         b = a + 10 ** torch.empty(256, 1, dtype=torch.float64).uniform_(-4, 0) * torch.randn_like(a)
         ratios = (g(a) - g(b)).norm(dim=1) / (a - b).norm(dim=1)
     assert float(ratios.max()) <= bound * (1 + 1e-6)
+
+
+def test_construction_runs_one_svd_and_works_on_the_meta_device(monkeypatch):
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: calls.append(1) or svd(*args, **kwargs))
+    layer = il.spectral_norm(nn.Linear(10, 12))
+    assert len(calls) == 1  # registering calls right_inverse with the weight just refined: no second SVD
+    layer.weight = torch.randn(12, 10)
+    assert len(calls) == 2
+    with torch.device("meta"):
+        mlp = il.ImplicitMLP(16, 32, activation="relu")
+    assert mlp.g[1].weight.shape == (32, 16) and mlp.g[1].weight.device.type == "meta"
