@@ -1,0 +1,185 @@
+"""Datasets for the iMixer example: embedded digits, CIFAR-10/100, Food-101 and image folders.
+
+Every builder returns PIL images, so the same ``timm.data.create_transform`` pipelines (RandAugment,
+random erasing, interpolation, normalisation) apply to all of them. Missing or malformed data raise
+:class:`DataError` with one line that names the expected layout; train.py turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["DATASETS", "DataError", "DatasetSplits", "DigitsDataset", "build_datasets"]
+
+DATASETS = ("digits", "cifar10", "cifar100", "food101", "imagefolder")
+
+# Expected on-disk layouts, quoted in the error raised when data are missing.
+LAYOUTS = {
+    "cifar10": "DATA_DIR/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (torchvision layout)",
+    "cifar100": "DATA_DIR/cifar-100-python/{train,test,meta} (torchvision layout)",
+    "food101": "DATA_DIR/food-101/{images/<class>/*.jpg,meta/train.json,meta/test.json} (torchvision layout)",
+    "imagefolder": "DATA_DIR/train/<class>/<image> and DATA_DIR/val/<class>/<image>",
+}
+
+Transform = Callable[[Image.Image], object]
+
+
+class DataError(Exception):
+    """Data are missing or malformed; the message is one line naming what was expected."""
+
+
+@dataclass
+class DatasetSplits:
+    """A training and a validation dataset of (image, label) pairs.
+
+    Attributes:
+        train: Training split, transformed by the training transform.
+        val: Validation split, transformed by the eval transform.
+        num_classes: Number of classes.
+        in_chans: Channels of the images (1 for digits, 3 otherwise).
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_chans: int
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled 8×8 handwritten digits (1797 images, 10 classes), no download.
+
+    A fixed, seeded, stratified split keeps 20 % (360 images) for validation, so every run and every
+    process sees the same split.
+
+    Args:
+        train: The training (80 %) or the validation (20 %) split.
+        transform: Applied to each 8×8 grayscale PIL image.
+        split_seed: Seed of the stratified split.
+    """
+
+    def __init__(self, train: bool, transform: Transform | None = None, split_seed: int = 0) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        # Pixel values are 0..16; scale to 0..255 so the images look like any other 8-bit image.
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(images)), test_size=0.2, random_state=split_seed, stratify=digits.target
+        )
+        indices = train_idx if train else val_idx
+        self.images = images[indices]
+        self.targets = digits.target[indices].astype(np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        image = Image.fromarray(self.images[index], mode="L")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def build_datasets(
+    name: str, data_dir: str | None, train_transform: Transform, eval_transform: Transform, download: bool = False
+) -> DatasetSplits:
+    """Builds the training and validation splits of a dataset.
+
+    Args:
+        name: One of :data:`DATASETS`.
+        data_dir: Root directory (unused by ``digits``).
+        train_transform: Transform of training images (PIL → tensor).
+        eval_transform: Transform of validation images.
+        download: Let torchvision fetch CIFAR/Food-101 into ``data_dir`` when missing.
+
+    Returns:
+        The :class:`DatasetSplits`.
+
+    Raises:
+        DataError: Unknown name, or data missing or malformed.
+    """
+    if name == "digits":
+        return DatasetSplits(DigitsDataset(True, train_transform), DigitsDataset(False, eval_transform), 10, 1)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not data_dir:
+        raise DataError(f"--data-dir is required for {name}; expected layout: {LAYOUTS[name]}")
+    if not download and not os.path.isdir(data_dir):
+        raise DataError(f"data dir {data_dir!r} does not exist; expected layout: {LAYOUTS[name]}")
+    try:
+        if name == "imagefolder":
+            return _image_folders(data_dir, train_transform, eval_transform)
+        return _torchvision_splits(name, data_dir, train_transform, eval_transform, download)
+    except DataError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError) as error:
+        # torchvision reports a missing or corrupt dataset with RuntimeError; unpickling a malformed
+        # batch file raises the others. Any of them means "the directory is not what we expected".
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = " (or pass --download)" if name != "imagefolder" else ""
+        raise DataError(f"cannot read {name} from {data_dir!r}: {first_line}; expected {LAYOUTS[name]}{hint}") from None
+
+
+def _torchvision_splits(
+    name: str, root: str, train_transform: Transform, eval_transform: Transform, download: bool
+) -> DatasetSplits:
+    from torchvision import datasets
+
+    if name == "food101":
+        train = datasets.Food101(root, split="train", transform=train_transform, download=download)
+        val = datasets.Food101(root, split="test", transform=eval_transform, download=download)
+        return DatasetSplits(train, val, len(train.classes), 3)
+    dataset_cls = _presence_checked(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)
+    train = dataset_cls(root, train=True, transform=train_transform, download=download)
+    val = dataset_cls(root, train=False, transform=eval_transform, download=download)
+    return DatasetSplits(train, val, len(train.classes), 3)
+
+
+def _presence_checked(dataset_cls: type) -> type:
+    """The torchvision CIFAR class, accepting any directory in its format.
+
+    torchvision compares MD5 sums against the official archive, so a re-packed or subset directory in
+    the same pickled format (e.g. a test fixture) is reported as corrupt although it reads fine. Here
+    the files must exist; unpickling them then catches malformed contents.
+    """
+
+    class PresenceChecked(dataset_cls):
+        # check_integrity(path, None) only checks that the file exists; the download keeps its MD5.
+        train_list: ClassVar[list] = [(name, None) for name, _ in dataset_cls.train_list]
+        test_list: ClassVar[list] = [(name, None) for name, _ in dataset_cls.test_list]
+        meta: ClassVar[dict] = {**dataset_cls.meta, "md5": None}
+
+    PresenceChecked.__name__ = dataset_cls.__name__
+    return PresenceChecked
+
+
+def _image_folders(root: str, train_transform: Transform, eval_transform: Transform) -> DatasetSplits:
+    from torchvision.datasets import ImageFolder
+
+    splits = {}
+    for split, transform in (("train", train_transform), ("val", eval_transform)):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise DataError(f"missing {path!r}; expected layout: {LAYOUTS['imagefolder']}")
+        # ImageFolder opens images lazily; convert to RGB so grayscale/CMYK files batch with the rest.
+        splits[split] = ImageFolder(path, transform=transform, loader=_rgb_loader)
+    if splits["train"].classes != splits["val"].classes:
+        raise DataError(
+            f"train and val class folders differ under {root!r} "
+            f"({len(splits['train'].classes)} vs {len(splits['val'].classes)} classes)"
+        )
+    return DatasetSplits(splits["train"], splits["val"], len(splits["train"].classes), 3)
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

@@ -1,0 +1,242 @@
+"""examples/imixer/model.py: registration, parameter counts, reference parity, solver statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import implicitlayers as il
+
+model = pytest.importorskip("model")  # examples/imixer/model.py (path set by conftest); registers in timm
+
+IMIXER_NAMES = [f"imixer_{size}{patch}_224" for size in "sbl" for patch in (32, 16)] + ["imixer_t4_32", "imixer_t2_8"]
+MIXER_NAMES = ["mixer_t4_32", "mixer_t2_8"]
+TINY = {"embed_dim": 16, "num_blocks": 2}
+
+
+def test_every_model_is_registered_in_timm() -> None:
+    registered = set(timm.list_models("*mixer*"))
+    assert set(IMIXER_NAMES + MIXER_NAMES) <= registered
+    for name in IMIXER_NAMES + MIXER_NAMES:
+        assert timm.models.get_pretrained_cfg(name).architecture == name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("imixer_s16_224", 20_123_690), ("imixer_b16_224", 66_210_874), ("imixer_l16_224", 232_384_106)],
+)
+def test_parameter_counts_match_the_reference(name: str, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the meta device nothing is allocated; the normalisation's construction-time SVD and its
+    # autocast guard cannot run there (they read values / need a real device type), and counting
+    # parameters needs neither.
+    monkeypatch.setattr(il.SoftSpectralNorm, "refine_", lambda self, weight: None)
+    monkeypatch.setattr(il.SoftSpectralNorm, "forward", lambda self, weight: weight)
+    with torch.device("meta"):
+        net = timm.create_model(name, num_classes=10)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
+def test_vanilla_baselines_share_the_imixer_shapes() -> None:
+    imixer = timm.create_model("imixer_t2_8")
+    mixer = timm.create_model("mixer_t2_8")
+    assert type(mixer).__name__ == "MlpMixer"
+    # The iMixer adds exactly F's two spectrally normalised layers (T→H→T with biases) per block.
+    tokens_dim = imixer.embed_dim // 2
+    hidden = 2 * tokens_dim
+    extra = len(imixer.blocks) * (2 * tokens_dim * hidden + hidden + tokens_dim)
+    assert sum(p.numel() for p in imixer.parameters()) - sum(p.numel() for p in mixer.parameters()) == extra
+
+
+def test_create_model_accepts_timm_and_implicit_overrides() -> None:
+    net = timm.create_model(
+        "imixer_t2_8", num_classes=3, img_size=16, in_chans=3, patch_size=4, drop_path_rate=0.1, hidden_ratio=1.0,
+        coeff=0.8, n_power_iterations=2, solver="picard", backward="phantom", max_iter=12, tol=1e-5,
+        z_init="zeros", phantom_steps=3, **TINY,
+    )  # fmt: skip
+    layer = net.implicit_layers()[0]
+    assert (layer.solver, layer.backward, layer.max_iter, layer.tol, layer.phantom_steps) == (
+        "picard", "phantom", 12, 1e-5, 3,
+    )  # fmt: skip
+    assert layer.z_init == "zeros" and layer.hidden_features == layer.features == 8
+    assert il.lipschitz_bound(layer.g) == pytest.approx(0.64 * 1.12891**2)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+    assert len(net.blocks) == 2 and net.stem.num_patches == 16
+
+
+def test_timm_model_interface() -> None:
+    net = timm.create_model("imixer_t2_8", **TINY).eval()
+    x = torch.randn(2, 1, 8, 8)
+    features = net.forward_features(x)
+    assert features.shape == (2, 16, 16)
+    assert torch.equal(net.forward_head(features), net(x))
+    assert net.forward_head(features, pre_logits=True).shape == (2, 16)
+    net.reset_classifier(5)
+    assert net.get_classifier().out_features == 5 and net(x).shape == (2, 5)
+    assert "blocks" in net.group_matcher()
+    net.set_grad_checkpointing(True)
+    assert net.grad_checkpointing
+    assert net.default_cfg["input_size"] == (1, 8, 8) and net.pretrained_cfg["classifier"] == "head"
+
+
+def test_init_sets_the_free_weight_and_exact_singular_vectors() -> None:
+    net = timm.create_model("imixer_t2_8", **TINY)
+    linear = net.blocks[0].mlp_tokens.implicit.g[1]
+    weight = linear.parametrizations.weight.original
+    bound = math.sqrt(6 / sum(weight.shape))  # xavier-uniform
+    assert weight.abs().max() <= bound and weight.std() > bound / 3
+    normaliser = linear.parametrizations.weight[0]
+    weight = weight.detach()
+    assert float(normaliser.sigma(weight)) == pytest.approx(float(torch.linalg.matrix_norm(weight, 2)), rel=1e-4)
+    assert linear.bias.abs().max() < 1e-4  # "mlp" biases N(0, 1e-6), as timm's Mixer
+    assert torch.count_nonzero(net.head.weight) == 0
+
+
+def test_default_mode_solves_to_tolerance_and_reports_statistics() -> None:
+    torch.manual_seed(0)
+    net = timm.create_model("imixer_t2_8", **TINY)
+    assert net.solver_stats() == [{}, {}]
+    loss = net(torch.randn(4, 1, 8, 8)).logsumexp(dim=1).sum()
+    loss.backward()
+    stats = net.solver_stats()
+    assert len(stats) == 2
+    for block in stats:
+        assert block["unconverged"] == 0.0 and block["residual_max"] <= 1e-3
+        assert 1 <= block["nstep_mean"] <= block["nstep_max"] <= 30
+    layer = net.implicit_layers()[0]
+    assert (layer.solver, layer.backward, layer.tol) == ("anderson", "ift", 1e-3)
+    assert layer.backward_stats is not None and bool(layer.backward_stats.converged.all())
+
+
+def test_reference_mode_runs_exactly_n_picard_steps() -> None:
+    net = timm.create_model("imixer_t2_8", reference_iterations=3, solver="broyden", tol=1e-2, **TINY)
+    layer = net.implicit_layers()[0]
+    assert (layer.solver, layer.backward, layer.tol, layer.max_iter) == ("picard", "unrolled", 0.0, 3)
+    assert layer.g[1].parametrizations.weight[0].n_power_iterations == 8
+    net(torch.randn(2, 1, 8, 8))
+    assert all(block["nstep_max"] == block["nstep_mean"] == 3 for block in net.solver_stats())
+
+
+def test_bad_implicit_settings_are_rejected() -> None:
+    with pytest.raises(ValueError, match="solver"):
+        timm.create_model("imixer_t2_8", solver="newton", **TINY)
+    with pytest.raises(ValueError, match="reference_iterations"):
+        timm.create_model("imixer_t2_8", reference_iterations=-1, **TINY)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference parity: a minimal, independent re-statement of the reference implementation's forward pass.
+
+
+def reference_state_dict(depth: int, dim: int, tokens: int, patch: int, classes: int, seed: int) -> dict:
+    """Random weights under the reference implementation's key names (fc_sn*.weight_orig/_u/_v/_sigma)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.3) -> Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    tokens_dim, hidden = dim // 2, dim  # mlp_ratio 0.5, hidden_ratio 2
+    sd = {"stem.proj.weight": rand(dim, 1, patch, patch), "stem.proj.bias": rand(dim)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd |= {p + "norm1.weight": 1 + rand(dim, scale=0.1), p + "norm1.bias": rand(dim, scale=0.1)}
+        sd |= {p + "mlp_tokens.fc1.weight": rand(tokens_dim, tokens), p + "mlp_tokens.fc1.bias": rand(tokens_dim)}
+        for name, (out_f, in_f) in {"fc_sn1": (hidden, tokens_dim), "fc_sn2": (tokens_dim, hidden)}.items():
+            q = p + f"mlp_tokens.{name}."
+            # Stored u, v are not exact singular vectors (as after a few power steps): eval must use them as stored.
+            sd |= {q + "weight_orig": rand(out_f, in_f), q + "bias": rand(out_f, scale=0.1)}
+            sd |= {q + "weight_u": F.normalize(rand(out_f), dim=0), q + "weight_v": F.normalize(rand(in_f), dim=0)}
+            sd[q + "weight_sigma"] = torch.ones(1)
+        sd |= {p + "mlp_tokens.fc2.weight": rand(tokens, tokens_dim), p + "mlp_tokens.fc2.bias": rand(tokens)}
+        sd |= {p + "norm2.weight": 1 + rand(dim, scale=0.1), p + "norm2.bias": rand(dim, scale=0.1)}
+        sd |= {p + "mlp_channels.fc1.weight": rand(4 * dim, dim), p + "mlp_channels.fc1.bias": rand(4 * dim)}
+        sd |= {p + "mlp_channels.fc2.weight": rand(dim, 4 * dim), p + "mlp_channels.fc2.bias": rand(dim)}
+    sd |= {"norm.weight": 1 + rand(dim, scale=0.1), "norm.bias": rand(dim, scale=0.1)}
+    sd |= {"head.weight": rand(classes, dim), "head.bias": rand(classes)}
+    return sd
+
+
+def reference_forward(sd: dict, images: Tensor, depth: int, patch: int, n_iter: int, coeff: float = 0.9) -> Tensor:
+    """The reference iMixer in eval mode: W = W_orig / max(1, uᵀW_orig v / coeff); z ← x + F(z), n times."""
+
+    def linear(x: Tensor, prefix: str) -> Tensor:
+        return F.linear(x, sd[prefix + "weight"], sd[prefix + "bias"])
+
+    def sn_linear(x: Tensor, prefix: str) -> Tensor:
+        w = sd[prefix + "weight_orig"]
+        sigma = sd[prefix + "weight_u"] @ w @ sd[prefix + "weight_v"]
+        return F.linear(x, w / torch.clamp(sigma / coeff, min=1.0), sd[prefix + "bias"])
+
+    def layer_norm(x: Tensor, prefix: str) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], sd[prefix + "weight"], sd[prefix + "bias"], eps=1e-6)
+
+    x = F.conv2d(images, sd["stem.proj.weight"], sd["stem.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        u = layer_norm(x, p + "norm1.").transpose(1, 2)
+        x_in = linear(u, p + "mlp_tokens.fc1.")
+        z = x_in
+        for _ in range(n_iter):
+            z = x_in + sn_linear(F.gelu(sn_linear(F.gelu(z), p + "mlp_tokens.fc_sn1.")), p + "mlp_tokens.fc_sn2.")
+        x = x + linear(F.gelu(z), p + "mlp_tokens.fc2.").transpose(1, 2)
+        h = linear(F.gelu(linear(layer_norm(x, p + "norm2."), p + "mlp_channels.fc1.")), p + "mlp_channels.fc2.")
+        x = x + h
+    return linear(layer_norm(x, "norm.").mean(dim=1), "head.")
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 2, 4])
+def test_reference_checkpoint_converts_and_matches_reference_logits(n_iter: int) -> None:
+    depth, dim, patch = 2, 16, 2
+    sd = reference_state_dict(depth, dim, tokens=16, patch=patch, classes=10, seed=n_iter)
+    net = timm.create_model("imixer_t2_8", embed_dim=dim, num_blocks=depth, reference_iterations=n_iter).eval()
+    converted = model.convert_reference_state_dict({"state_dict": {f"module.{k}": v for k, v in sd.items()}})
+    assert not any("weight_sigma" in key for key in converted)
+    net.load_state_dict(converted, strict=True)
+    images = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference_forward(sd, images, depth, patch, n_iter)
+        logits = net(images)
+    assert expected.abs().max() > 0.1  # a meaningful comparison, not two zero heads
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    # The stored vectors were loaded as they were (eval never re-estimates them).
+    layer = net.blocks[0].mlp_tokens.implicit.g[1]
+    assert torch.equal(layer.parametrizations.weight[0].u, sd["blocks.0.mlp_tokens.fc_sn1.weight_u"])
+
+
+def test_solved_mode_approaches_the_converged_reference() -> None:
+    """The default (solved) model and many reference iterations compute the same (1 - F)^{-1}."""
+    sd = model.convert_reference_state_dict(reference_state_dict(2, 16, 16, 2, 10, seed=7))
+    solved = timm.create_model("imixer_t2_8", embed_dim=16, num_blocks=2, tol=1e-6, max_iter=60).eval()
+    looped = timm.create_model("imixer_t2_8", embed_dim=16, num_blocks=2, reference_iterations=60).eval()
+    solved.load_state_dict(sd)
+    looped.load_state_dict(sd)
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(solved(images), looped(images), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_script_writes_loadable_safetensors(tmp_path, capsys) -> None:
+    import safetensors.torch
+
+    convert = pytest.importorskip("convert")
+    sd = reference_state_dict(2, 16, 16, 2, 10, seed=3)
+    torch.save({"model": sd}, tmp_path / "reference.pth")
+    target = tmp_path / "converted.safetensors"
+    args = [str(tmp_path / "reference.pth"), str(target), "--model", "imixer_t2_8", "--reference-iterations", "2"]
+    # imixer_t2_8's default shape is not this checkpoint's (embed 16, depth 2): the check must refuse it.
+    assert convert.main(args) == 2
+    assert "does not fit" in capsys.readouterr().err
+    net = timm.create_model("imixer_t2_8", embed_dim=16, num_blocks=2, reference_iterations=2).eval()
+    args += ["--model-kwargs", "embed_dim=16", "num_blocks=2"]
+    assert convert.main(args) == 0
+    assert len(safetensors.torch.load_file(str(target))) == len(net.state_dict())
+    net.load_state_dict(safetensors.torch.load_file(str(target)))
+    images = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), reference_forward(sd, images, 2, 2, 2), atol=1e-5, rtol=1e-5)
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    assert convert.main([str(tmp_path / "bad.pth"), str(target)]) == 2
