@@ -1,0 +1,82 @@
+"""benchmarks/imixer_step.py: a --quick run, its files and JSON schema (never its timings)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "imixer_step.py"
+ROW_NUMBERS = ["step_ms", "step_ratio_to_vanilla", "saved_peak_mb", "images_per_s", "throughput_ratio_to_vanilla"]
+ROW_SOLVER = ["residual_max", "residual_median", "solver_residual_max", "nstep_mean", "nstep_max", "unconverged"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("imixer_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("imixer_step")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        returned = module.main(["--quick", "--device", "cpu", "--out", str(out)])
+    return module, returned, out, buffer.getvalue()
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def test_files_exist_and_json_matches_the_returned_results(run):
+    _, returned, out, printed = run
+    assert (out / "imixer_step.json").is_file() and (out / "imixer_step.md").is_file()
+    loaded = json.loads((out / "imixer_step.json").read_text())
+    assert set(loaded) == {"config", "machine", "models", "memory_growth", "seconds"}
+    assert loaded["models"] == json.loads(json.dumps(returned["models"]))
+    table = (out / "imixer_step.md").read_text()
+    assert "| model | mode | step ms |" in table and table.strip() in printed
+    for key in ("cpu_count", "torch", "device", "date_utc", "torch_threads"):
+        assert key in loaded["machine"]
+    assert loaded["machine"]["device"] == "cpu" and loaded["config"]["quick"] is True
+
+
+def test_rows_have_the_models_modes_and_finite_numbers(run):
+    module, returned, _, _ = run
+    assert set(returned["models"]) == {"t4_32"}
+    block = returned["models"]["t4_32"]
+    assert block["batch"] == 4 and block["img_size"] == 32
+    assert [row["mode"] for row in block["rows"]] == module.QUICK_MODES
+    for row in block["rows"]:
+        assert row["model"] == ("mixer_t4_32" if row["mode"] == "vanilla" else "imixer_t4_32")
+        assert all(finite(row[key]) and row[key] > 0 for key in ROW_NUMBERS), row
+        assert row["cuda_peak_mb"] is None
+        if row["mode"] == "vanilla":
+            assert row["step_ratio_to_vanilla"] == 1.0
+            assert all(row[key] is None for key in ROW_SOLVER)
+        else:
+            assert all(finite(row[key]) for key in ROW_SOLVER), row
+    # The solved modes report the residual they reach, recomputed independently of the solver.
+    for row in block["rows"]:
+        if "@" in row["mode"]:
+            assert row["residual_max"] <= 1.5e-3 and row["unconverged"] == 0.0
+
+
+def test_full_mode_list_and_memory_growth(run):
+    module, returned, _, _ = run
+    modes = module.all_modes()
+    assert len(modes) == 1 + 4 + 3 * 3 * 2 and modes[0] == "vanilla"
+    assert {"reference-1", "reference-8", "broyden/ift@0.001", "picard/jfb@0.0001"} <= set(modes)
+    growth = returned["memory_growth"]
+    assert growth["model"] == "imixer_t4_32"
+    for kind in ("ift", "reference"):
+        assert set(growth[kind]) == {"2", "16", "growth_16_over_2"}
+        assert finite(growth[kind]["growth_16_over_2"])
+        assert all(finite(growth[kind][n]["saved_peak_mb"]) for n in ("2", "16"))
+    assert growth["ift"]["16"]["nstep_max"] == 16  # tol 0 forced every iteration
+    # Deterministic byte counts, not timings: IFT's saved activations do not depend on the iterations.
+    assert growth["ift"]["growth_16_over_2"] <= 1.05 < growth["reference"]["growth_16_over_2"]
