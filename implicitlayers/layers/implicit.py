@@ -77,18 +77,19 @@ class FixedPointModule(nn.Module):
         self.backward_stats: SolverResult | None = None
         self._warn = RateLimitedWarner()
 
-    def fixed_point(self, f: Callable[[Tensor], Tensor], z0: Tensor, needs_grad: bool) -> Tensor:
+    def fixed_point(self, f: Callable[[Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
         """Solves z = f(z) from ``z0`` and returns z* with this layer's gradient attached.
 
         Args:
             f: z ↦ f(z, x), recording autograd when called with grad enabled.
             z0: Initial guess, shape ``(B, ...)``; in ``"unrolled"`` mode gradients flow through it.
-            needs_grad: Whether anything upstream requires a gradient.
+            x: The input ``f`` closes over; a gradient is attached when it or a parameter of this
+                module requires one (and grad mode is on).
 
         Returns:
             z*, shape of ``z0`` (float32 at least), differentiable according to ``backward``.
         """
-        needs_grad = needs_grad and torch.is_grad_enabled()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         # Parametrised weights (spectral norm) are computed once per forward, with their graph, and
         # reused by every evaluation of f: the map must not change during a solve, and the power
         # iteration must advance once per forward, not once per solver step.
@@ -242,8 +243,7 @@ class ImplicitLayer(FixedPointModule):
 
     def forward(self, x: Tensor) -> Tensor:
         z0 = initial_guess(self.z_init, x)
-        needs_grad = x.requires_grad or any(p.requires_grad for p in self.f.parameters())
-        return self.fixed_point(lambda z: self.f(z, x), z0, needs_grad)
+        return self.fixed_point(lambda z: self.f(z, x), z0, x)
 
 
 def validate_z_init(z_init: str | Callable[[Tensor], Tensor]) -> str | Callable[[Tensor], Tensor]:

@@ -86,8 +86,7 @@ class InvertibleResidual(FixedPointModule):
 
     def inverse(self, y: Tensor) -> Tensor:
         """x with x + g(x) = y, found from the initial guess x = y; shape of y."""
-        needs_grad = y.requires_grad or any(p.requires_grad for p in self.g.parameters())
-        return self.fixed_point(lambda x: y - self.g(x), y, needs_grad)
+        return self.fixed_point(lambda x: y - self.g(x), y, y)
 
 
 class ImplicitMLP(FixedPointModule):
@@ -178,8 +177,7 @@ class ImplicitMLP(FixedPointModule):
             raise ValueError(f"x must have shape (..., {self.features}), got {tuple(x.shape)}")
         rows = x.reshape(-1, self.features)
         z0 = initial_guess(self.z_init, rows)
-        needs_grad = x.requires_grad or any(p.requires_grad for p in self.g.parameters())
-        z = self.fixed_point(lambda z: rows + self.g(z), z0, needs_grad)
+        z = self.fixed_point(lambda z: rows + self.g(z), z0, x)
         return z.reshape(x.shape)
 
     def inverse(self, z: Tensor) -> Tensor:
