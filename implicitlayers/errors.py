@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["ConvergenceError", "ConvergenceWarning", "LipschitzWarning"]
+__all__ = ["ConvergenceError", "ConvergenceWarning", "LipschitzWarning", "check_int_at_least"]
 
 
 class ConvergenceWarning(UserWarning):
@@ -42,3 +42,9 @@ def _is_power_of_ten(count: int) -> bool:
     while count >= 10 and count % 10 == 0:
         count //= 10
     return count == 1
+
+
+def check_int_at_least(name: str, value: object, minimum: int = 1) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

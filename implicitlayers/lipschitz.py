@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .errors import check_int_at_least
+
 __all__ = ["ACTIVATION_LIPSCHITZ", "SoftSpectralNorm", "lipschitz_bound", "spectral_norm"]
 
 # Lipschitz constants max |σ'(x)|, rounded up in the 5th decimal so they stay upper bounds.
@@ -48,8 +50,7 @@ class SoftSpectralNorm(nn.Module):
             raise ValueError(f"spectral_norm expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
         if not coeff > 0:
             raise ValueError(f"coeff must be > 0, got {coeff!r}")
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations must be an integer >= 1, got {n_power_iterations!r}")
+        check_int_at_least("n_power_iterations", n_power_iterations)
         self.coeff = float(coeff)
         self.n_power_iterations = n_power_iterations
         out_features, in_features = weight.shape

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..backward import GRADIENT_MODES, attach_ift, attach_phantom, unrolled_picard
-from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner
+from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
 from ..solvers import SolverResult, get_solver, solve, validate_solve_args
 
 __all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer"]
@@ -53,8 +53,7 @@ class FixedPointModule(nn.Module):
             tol if backward_tol is None else backward_tol,
             stop_mode,
         )
-        if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
-            raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}")
+        check_int_at_least("phantom_steps", phantom_steps)
         if not 0.0 < phantom_damping <= 1.0:
             raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
         if on_nonconvergence not in NONCONVERGENCE_POLICIES:

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import LipschitzWarning
+from ..errors import LipschitzWarning, check_int_at_least
 from ..lipschitz import lipschitz_bound, spectral_norm
 from .implicit import FixedPointModule, initial_guess, validate_z_init
 
@@ -156,9 +156,8 @@ class ImplicitMLP(FixedPointModule):
             **options,
         )
         hidden_features = features if hidden_features is None else hidden_features
-        for name, value in (("features", features), ("hidden_features", hidden_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_at_least("features", features)
+        check_int_at_least("hidden_features", hidden_features)
         layers = [make_activation(activation)] if pre_activation else []
         layers += [
             spectral_norm(nn.Linear(features, hidden_features, bias=bias), coeff, n_power_iterations),

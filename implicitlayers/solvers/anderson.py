@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import check_int_at_least
 from .base import SolverResult, iterate
 
 __all__ = ["Anderson", "anderson"]
@@ -31,8 +32,7 @@ class Anderson:
     """
 
     def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-8) -> None:
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        check_int_at_least("memory", memory)
         if not 0.0 < damping <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {damping!r}")
         if not regularization >= 0.0:

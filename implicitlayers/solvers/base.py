@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ..errors import check_int_at_least
+
 __all__ = [
     "STOP_MODES",
     "SolverResult",
@@ -100,8 +102,7 @@ def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
 
 def validate_solve_args(max_iter: int, tol: float, stop_mode: str) -> None:
     """Raises ``ValueError`` naming the argument when a solve's settings are out of range."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    check_int_at_least("max_iter", max_iter)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (tol >= 0) or math.isinf(tol):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     if stop_mode not in STOP_MODES:

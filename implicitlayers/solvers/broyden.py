@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import check_int_at_least
 from .base import SolverResult, iterate
 
 __all__ = ["BROYDEN_METHODS", "Broyden", "broyden"]
@@ -50,8 +51,7 @@ class Broyden:
     """
 
     def __init__(self, memory: int = 20, method: str = "second") -> None:
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        check_int_at_least("memory", memory)
         if method not in BROYDEN_METHODS:
             raise ValueError(f"method must be one of {list(BROYDEN_METHODS)}, got {method!r}")
         self.memory = memory
