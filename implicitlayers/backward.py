@@ -1,14 +1,15 @@
 """Gradient modes: how a fixed point z* = f(z*, x) is differentiated.
 
-Every function here takes ``f``, a closure z ↦ f(z, x) that records autograd, and returns a tensor
-whose *value* is the solver's z* but whose gradient follows the chosen mode. Keeping the value fixed
-means a layer's output does not depend on the gradient mode, nor on train versus eval.
+The layers return f(z*), the image of the solver's fixed point z*, evaluated once with its graph
+(``fz``, with input leaf ``z_leaf``). The functions here attach a gradient to that tensor without
+changing its *value*, so a layer's output does not depend on the gradient mode, nor on train versus
+eval. ``jfb`` needs nothing attached: the graph of ``fz`` already is its gradient.
 
 | mode | gradient | backward cost |
 | --- | --- | --- |
-| `ift` | exact: solve u = v + J_fᵀ u, return (∂f/∂θ)ᵀ u, (∂f/∂x)ᵀ u | one graph of f; a VJP per adjoint step |
-| `phantom` | k damped steps from z*, differentiated | k graphs of f |
-| `jfb` | one undamped step (phantom, k = 1, λ = 1) | one graph of f, no solve |
+| `ift` | exact: solve u = v + J_fᵀ u, return (∂f/∂θ)ᵀ u, (∂f/∂x)ᵀ u | the graph of f(z*); a VJP per adjoint step |
+| `phantom` | k damped steps from z*, differentiated | the graph of f(z*) and k - 1 more |
+| `jfb` | one undamped step (phantom, k = 1, λ = 1) | the graph of f(z*), no solve |
 | `unrolled` | autograd through the forward Picard iterations | one graph per iteration |
 """
 
@@ -37,8 +38,8 @@ def _with_value(value: Tensor, carrier: Tensor) -> Tensor:
 
 
 def attach_ift(
-    f: Callable[[Tensor], Tensor],
-    z_star: Tensor,
+    fz: Tensor,
+    z_leaf: Tensor,
     *,
     solver: str,
     max_iter: int,
@@ -50,14 +51,15 @@ def attach_ift(
     """Implicit-function-theorem gradient of a fixed point.
 
     With z* = f(z*, x; θ) and an incoming gradient v = ∂L/∂z*, the IFT gives
-    ∂L/∂θ = (∂f/∂θ)ᵀ u where u solves u = v + J_f(z*)ᵀ u. One graph of f at z* is recorded; in the
-    backward pass a tensor hook replaces v by u, found by ``solver`` using vector-Jacobian products
-    (:func:`torch.autograd.grad`) on that graph, and autograd then carries u into θ and x. Memory does
-    not depend on how many iterations the forward solve took.
+    ∂L/∂θ = (∂f/∂θ)ᵀ u where u solves u = v + J_f(z*)ᵀ u. In the backward pass a tensor hook on ``fz``
+    replaces v by u, found by ``solver`` using vector-Jacobian products (:func:`torch.autograd.grad`)
+    on the graph of ``fz``, and autograd then carries u into θ and x. Memory does not depend on how
+    many iterations the forward solve took. Since f(z*) = z* at the fixed point, the same gradient
+    serves the output f(z*).
 
     Args:
-        f: z ↦ f(z, x), recording autograd.
-        z_star: The fixed point, shape ``(B, ...)``.
+        fz: f(z_leaf), recorded by autograd, shape ``(B, ...)``.
+        z_leaf: The fixed point as a leaf that requires grad.
         solver: Solver name for the adjoint fixed point (see :func:`implicitlayers.available_solvers`).
         max_iter: Evaluations (VJPs) allowed in the backward solve.
         tol: Tolerance of the backward solve.
@@ -66,58 +68,56 @@ def attach_ift(
         on_result: Called with the backward :class:`SolverResult` (for statistics and warnings).
 
     Returns:
-        A tensor equal to ``z_star`` whose gradient is the IFT gradient.
+        ``fz``'s value, whose gradient is the IFT gradient.
+
+    Raises:
+        ValueError: If ``z_leaf`` does not require grad.
     """
-    z_leaf = z_star.detach().requires_grad_()
-    fz = f(z_leaf)
-    # The VJPs of the adjoint solve run backward through fz itself, which fires this same hook; those
-    # inner calls must pass through untouched (one graph serves both, saving an evaluation of f).
-    solving = False
+    if not z_leaf.requires_grad:
+        raise ValueError("z_leaf must require grad: the adjoint solve takes vector-Jacobian products in z")
 
     def solve_adjoint(grad: Tensor) -> Tensor:
-        nonlocal solving
-        if solving:
-            return grad
-
         def adjoint_map(u: Tensor) -> Tensor:
             (vjp,) = torch.autograd.grad(fz, z_leaf, u.to(fz.dtype), retain_graph=True)
             return vjp.to(u.dtype) + grad.to(u.dtype)
 
-        solving = True
-        try:
-            result = solve(
-                adjoint_map,
-                grad,
-                solver=solver,
-                max_iter=max_iter,
-                tol=tol,
-                stop_mode=stop_mode,
-                **(solver_options or {}),
-            )
-        finally:
-            solving = False
+        result = solve(
+            adjoint_map, grad, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **(solver_options or {})
+        )
         if on_result is not None:
             on_result(result)
         return result.z.to(grad.dtype)
 
-    fz.register_hook(solve_adjoint)
-    return _with_value(z_star, fz)
+    # The hook goes on a view: the adjoint's VJPs start from fz itself and must not trigger it.
+    out = fz.view_as(fz)
+    out.register_hook(solve_adjoint)
+    return out
 
 
-def attach_phantom(f: Callable[[Tensor], Tensor], z_star: Tensor, *, steps: int = 1, damping: float = 1.0) -> Tensor:
+def attach_phantom(
+    f: Callable[[Tensor], Tensor], z_leaf: Tensor, fz: Tensor, *, steps: int = 1, damping: float = 1.0
+) -> Tensor:
     """Phantom gradient (Geng et al., 2021): differentiate ``steps`` damped iterations from z*.
 
-    z_0 = z* (detached), z_{k+1} = (1 - λ) z_k + λ f(z_k, x); the gradient is that of z_steps. As
-    ``steps`` grows (and λ suits the map) it approaches the IFT gradient; ``steps=1, damping=1`` is
-    Jacobian-free backpropagation (Fung et al., 2022).
+    z_0 = z* (detached), z_{k+1} = (1 - λ) z_k + λ f(z_k, x); the gradient is that of z_steps, whose
+    first step reuses ``fz`` = f(z*). As ``steps`` grows (and λ suits the map) it approaches the IFT
+    gradient; ``steps=1, damping=1`` is Jacobian-free backpropagation (Fung et al., 2022).
+
+    Args:
+        f: z ↦ f(z, x), recording autograd.
+        z_leaf: z*, detached.
+        fz: f(z_leaf), recorded by autograd.
+        steps: Damped steps differentiated (>= 1).
+        damping: λ in (0, 1].
 
     Returns:
-        A tensor equal to ``z_star`` carrying the phantom gradient.
+        A tensor equal to ``fz`` carrying the phantom gradient.
     """
-    z = z_star.detach()
-    for _ in range(steps):
+    z = z_leaf.detach()
+    z = z + damping * (fz - z)
+    for _ in range(steps - 1):
         z = z + damping * (f(z) - z)
-    return _with_value(z_star, z)
+    return _with_value(fz, z)
 
 
 def unrolled_picard(

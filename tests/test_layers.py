@@ -116,7 +116,7 @@ def test_default_implicit_mlp_converges_and_trains():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
     assert bool(layer.stats.converged.all()) and bool(layer.backward_stats.converged.all())
 

@@ -77,7 +77,12 @@ class FixedPointModule(nn.Module):
         self._warn = RateLimitedWarner()
 
     def fixed_point(self, f: Callable[[Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
-        """Solves z = f(z) from ``z0`` and returns z* with this layer's gradient attached.
+        """Solves z = f(z) from ``z0`` and returns f(z*) with this layer's gradient attached.
+
+        The output is the image f(z*) of the solver's best iterate z* (``stats.z``), as in TorchDEQ:
+        the solver evaluated it anyway to measure z*'s residual, and it is one Picard step closer to
+        the fixed point (||f(f(z*)) - f(z*)|| <= Lip(f) ||f(z*) - z*||). In training the graph of
+        that same evaluation carries the gradient, so no extra evaluation of f is spent on it.
 
         Args:
             f: z ↦ f(z, x), recording autograd when called with grad enabled.
@@ -86,7 +91,7 @@ class FixedPointModule(nn.Module):
                 module requires one (and grad mode is on).
 
         Returns:
-            z*, shape of ``z0`` (float32 at least), differentiable according to ``backward``.
+            f(z*), shape of ``z0`` (float32 at least), differentiable according to ``backward``.
         """
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         # Parametrised weights (spectral norm) are computed once per forward, with their graph, and
@@ -97,8 +102,9 @@ class FixedPointModule(nn.Module):
             if self.backward == "unrolled":
                 z, result = unrolled_picard(f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode)
             else:
+                recorded = LastEvaluation(f, graph=needs_grad, input_grad=needs_grad and self.backward == "ift")
                 result = solve(
-                    f,
+                    recorded,
                     z0.detach(),
                     solver=self.solver,
                     max_iter=self.max_iter,
@@ -106,18 +112,18 @@ class FixedPointModule(nn.Module):
                     stop_mode=self.stop_mode,
                     **self.solver_options,
                 )
-                z = result.z
-                if needs_grad:
-                    z = self._attach_gradient(f, z)
+                z_leaf, fz = recorded.at(result.z)
+                z = self._attach_gradient(f, z_leaf, fz) if needs_grad else fz
+                z = z.to(result.z.dtype)
         self.stats = result.detach()
         self._report(result, "forward")
         return z
 
-    def _attach_gradient(self, f: Callable[[Tensor], Tensor], z_star: Tensor) -> Tensor:
+    def _attach_gradient(self, f: Callable[[Tensor], Tensor], z_leaf: Tensor, fz: Tensor) -> Tensor:
         if self.backward == "ift":
             return attach_ift(
-                f,
-                z_star,
+                fz,
+                z_leaf,
                 solver=self.backward_solver,
                 max_iter=self.backward_max_iter,
                 tol=self.backward_tol,
@@ -126,8 +132,8 @@ class FixedPointModule(nn.Module):
                 on_result=self._record_backward,
             )
         if self.backward == "jfb":
-            return attach_phantom(f, z_star, steps=1, damping=1.0)
-        return attach_phantom(f, z_star, steps=self.phantom_steps, damping=self.phantom_damping)
+            return fz
+        return attach_phantom(f, z_leaf, fz, steps=self.phantom_steps, damping=self.phantom_damping)
 
     def _record_backward(self, result: SolverResult) -> None:
         self.backward_stats = result.detach()
@@ -262,3 +268,40 @@ def initial_guess(z_init: str | Callable[[Tensor], Tensor], x: Tensor) -> Tensor
     if not isinstance(z0, Tensor):
         raise ValueError(f"z_init(x) must return a Tensor, got {type(z0).__name__}")
     return z0
+
+
+class LastEvaluation:
+    """``f`` that remembers its latest input and output, with the output's graph when asked.
+
+    Solvers evaluate f at the iterate they return (to measure its residual), so the layer can reuse
+    that evaluation, graph included, instead of evaluating f once more for the output and gradient.
+
+    Args:
+        f: z ↦ f(z, x).
+        graph: Record autograd in every evaluation (only the latest graph is kept alive).
+        input_grad: Make each input a leaf that requires grad (the IFT adjoint needs VJPs in z).
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], *, graph: bool, input_grad: bool) -> None:
+        self.f = f
+        self.graph = graph
+        self.input_grad = input_grad
+        self.z: Tensor | None = None
+        self.fz: Tensor | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self._evaluate(z)[1]
+
+    def at(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_leaf, f(z_leaf))`` at ``z``: the latest evaluation if it was at exactly ``z``, else a new one."""
+        if self.z is not None and self.fz is not None and self.z.shape == z.shape and torch.equal(self.z.detach(), z):
+            return self.z, self.fz
+        return self._evaluate(z)
+
+    def _evaluate(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.z = self.fz = None  # release the previous graph before building the next
+        with torch.set_grad_enabled(self.graph):
+            z = z.detach().requires_grad_(self.input_grad)
+            fz = self.f(z)
+        self.z, self.fz = z, fz
+        return z, fz
