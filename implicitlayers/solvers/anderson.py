@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -13,6 +14,15 @@ from .base import SolverResult, iterate
 __all__ = ["Anderson", "anderson"]
 
 
+class AndersonState(NamedTuple):
+    """The last ``memory`` images and residuals (slot order, not chronological) and their Gram matrix."""
+
+    f: Tensor  # (memory, B, D) images f(z_j)
+    g: Tensor  # (memory, B, D) residuals g_j = f(z_j) - z_j
+    gram: Tensor  # (B, memory, memory) float64, <g_i, g_j>
+    count: int  # iterations so far
+
+
 class Anderson:
     """Anderson acceleration: mix the last ``memory`` images so as to minimise the mixed residual.
 
@@ -20,7 +30,8 @@ class Anderson:
     ||Σ α_i G_i||; the next iterate is (1 - β) Σ α_i z_i + β Σ α_i f(z_i). Each sample solves its own
     n×n least-squares system, so samples never influence each other.
 
-    Cost per iteration: one evaluation of ``f`` plus O(n·D) work per sample; memory 2·n·D per sample.
+    Cost per iteration: one evaluation of ``f`` plus O(n·D) work per sample (the Gram matrix is updated
+    one row at a time); memory 2·n·D per sample.
     It wins on smooth maps with a contraction rate close to one, where it often needs a small fraction
     of Picard's iterations; it cannot find fixed points of maps that are not locally contractive.
 
@@ -41,42 +52,57 @@ class Anderson:
         self.damping = damping
         self.regularization = regularization
 
-    def step(
-        self, state: tuple[Tensor, Tensor, int] | None, z: Tensor, fz: Tensor, active: Tensor
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, int]]:
+    def step(self, state: AndersonState | None, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, AndersonState]:
         if state is None:
             batch, dim = z.shape
-            state = (z.new_empty(batch, self.memory, dim), z.new_empty(batch, self.memory, dim), 0)
-        history_z, history_f, count = state
-        slot = count % self.memory
-        history_z[:, slot] = z
-        history_f[:, slot] = fz
-        count += 1
-        n = min(count, self.memory)
-        alpha = self._weights(history_f[:, :n] - history_z[:, :n], slot)
-        # Broadcast-and-sum beats bmm's (B, 1, n) x (B, n, D) products (~2x on CPU for many small rows).
-        mixed_z = (alpha[:, :, None] * history_z[:, :n]).sum(dim=1)
-        mixed_f = (alpha[:, :, None] * history_f[:, :n]).sum(dim=1)
-        return mixed_z + self.damping * (mixed_f - mixed_z), (history_z, history_f, count)
+            state = AndersonState(
+                f=z.new_empty(self.memory, batch, dim),
+                g=z.new_empty(self.memory, batch, dim),
+                gram=z.new_zeros(batch, self.memory, self.memory, dtype=torch.float64),
+                count=0,
+            )
+        slot = state.count % self.memory
+        n = min(state.count + 1, self.memory)
+        state.f[slot] = fz
+        torch.sub(fz, z, out=state.g[slot])
+        # Only the newest residual changed: update its row and column of the Gram matrix (n dot
+        # products per sample instead of n²).
+        row = torch.linalg.vecdot(state.g[:n], state.g[slot][None]).T.double()  # (B, n)
+        state.gram[:, slot, :n] = row
+        state.gram[:, :n, slot] = row
+        alpha = self._weights(state.gram[:, :n, :n], slot).to(z.dtype)  # (B, n)
+        # With history slots j: z_j = f_j - g_j, so the damped mix is Σ α_j f_j - (1 - β) Σ α_j g_j.
+        proposal = _mix(state.f[:n], alpha)
+        if self.damping != 1.0:
+            proposal -= (1.0 - self.damping) * _mix(state.g[:n], alpha)
+        return proposal, state._replace(count=state.count + 1)
 
-    def _weights(self, residuals: Tensor, newest: int) -> Tensor:
-        """Mixing weights (B, n) that minimise ||Σ α_i G_i|| subject to Σ α_i = 1."""
-        batch, n, _ = residuals.shape
+    def _weights(self, gram: Tensor, newest: int) -> Tensor:
+        """Mixing weights (B, n) that minimise ||Σ α_i G_i|| subject to Σ α_i = 1, from the float64 Gram."""
+        batch, n, _ = gram.shape
         # The n×n systems are tiny; solving them in float64 costs nothing and keeps the weights
         # meaningful when residuals are nearly collinear close to convergence.
-        gram = torch.bmm(residuals, residuals.transpose(1, 2)).double()
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         eye = torch.eye(n, dtype=torch.float64, device=gram.device)
-        gram = gram + (self.regularization * scale)[:, None, None] * eye
+        regularized = gram + (self.regularization * scale)[:, None, None] * eye
         ones = torch.ones(batch, n, 1, dtype=torch.float64, device=gram.device)
-        weights, info = torch.linalg.solve_ex(gram, ones)
+        weights, info = torch.linalg.solve_ex(regularized, ones)
         alpha = weights[..., 0] / weights[..., 0].sum(dim=1, keepdim=True)
         # A singular or non-finite system falls back to a plain Picard step from the newest iterate.
         failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
         picard_step = torch.zeros_like(alpha)
         picard_step[:, newest] = 1.0
-        alpha = torch.where(failed[:, None], picard_step, alpha)
-        return alpha.to(residuals.dtype)
+        return torch.where(failed[:, None], picard_step, alpha)
+
+
+def _mix(history: Tensor, alpha: Tensor) -> Tensor:
+    """Σ_j alpha[:, j] history[j] for history (n, B, D) and alpha (B, n), one fused pass per term."""
+    # addcmul over contiguous (B, D) slices beats a broadcast-and-sum over (n, B, D) and bmm's
+    # (B, 1, n) x (B, n, D) products on CPU by about 2-4x at iMixer sizes.
+    mixed = history[0] * alpha[:, 0, None]
+    for j in range(1, history.shape[0]):
+        mixed.addcmul_(history[j], alpha[:, j, None])
+    return mixed
 
 
 def anderson(

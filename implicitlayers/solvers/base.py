@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -116,6 +116,13 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+class _Progress(NamedTuple):
+    finite: Tensor  # (B,) whether each sample's f(z) is finite
+    all_finite: bool
+    any_active: bool
+    all_active: bool
+
+
 class _Tracker:
     """Per-sample bookkeeping: residuals, best iterate, convergence and the freeze mask."""
 
@@ -131,21 +138,27 @@ class _Tracker:
         self.latest_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
         self.trace: list[Tensor] = []
 
-    def update(self, z: Tensor, fz: Tensor) -> Tensor:
-        """Records ``fz = f(z)`` for the active samples; returns the per-sample finiteness mask."""
+    def update(self, z: Tensor, fz: Tensor) -> _Progress:
+        """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags."""
         res = residual(z, fz, self.stop_mode).float()
-        finite = torch.isfinite(fz).flatten(1).all(dim=1) & torch.isfinite(res)
+        # z is always finite here, so a non-finite f(z) shows up as a non-finite residual: checking the
+        # B residuals replaces a pass over all of f(z).
+        finite = torch.isfinite(res)
         counted = self.active
-        self.nstep += counted.long()
+        self.nstep += counted
         better = counted & finite & (res < self.best_residual)
-        self.best_residual = torch.where(better, res, self.best_residual)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
         newly_converged = counted & finite & (res <= self.tol)
         self.converged |= newly_converged
         self.active = counted & finite & ~newly_converged
         self.latest_residual = torch.where(counted & finite, res, self.latest_residual)
         self.trace.append(self.latest_residual.max() if len(res) else res.new_zeros(()))
-        return finite
+        # One host synchronisation for all the flags the driver branches on.
+        flags = torch.stack([better.all(), finite.all(), self.active.any(), self.active.all()]).tolist()
+        all_better, all_finite, any_active, all_active = flags
+        self.best_residual = torch.where(better, res, self.best_residual)
+        # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
+        self.best_z = z if all_better else torch.where(better[:, None], z, self.best_z)
+        return _Progress(finite, all_finite, any_active, all_active)
 
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
         # A sample whose very first f(z0) was non-finite has no finite residual: report inf, return z0.
@@ -201,14 +214,15 @@ def _iterate(
         # The solver's own arithmetic must not be autocast to bf16: histories and Gram matrices
         # would lose the precision the tolerance asks for.
         with torch.autocast(device_type, enabled=False):
-            finite = tracker.update(z, fz)
-            if evaluation == max_iter - 1 or not bool(tracker.active.any()):
+            progress = tracker.update(z, fz)
+            if evaluation == max_iter - 1 or not progress.any_active:
                 break
-            # Non-finite samples are frozen; give the rule a zero residual there so nothing
-            # non-finite enters its history and leaks through batched linear algebra.
-            fz = torch.where(finite[:, None], fz, z)
+            if not progress.all_finite:
+                # Non-finite samples are frozen; give the rule a zero residual there so nothing
+                # non-finite enters its history and leaks through batched linear algebra.
+                fz = torch.where(progress.finite[:, None], fz, z)
             proposal, state = rule.step(state, z, fz, tracker.active)
-            z = torch.where(tracker.active[:, None], proposal, tracker.best_z)
+            z = proposal if progress.all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     return tracker.result(shape, dtype)
 
 

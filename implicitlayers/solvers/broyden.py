@@ -17,8 +17,8 @@ __all__ = ["BROYDEN_METHODS", "Broyden", "broyden"]
 class BroydenState(NamedTuple):
     """Low-rank inverse-Jacobian estimate B = -I + Σ_i u_i v_iᵀ and the previous iterate."""
 
-    u: Tensor  # (B, memory, D)
-    v: Tensor  # (B, memory, D)
+    u: Tensor  # (memory, B, D)
+    v: Tensor  # (memory, B, D)
     count: int  # rank-one updates stored since the last restart
     z: Tensor  # previous iterate (B, D)
     g: Tensor  # previous residual g(z) = f(z) - z (B, D)
@@ -61,11 +61,11 @@ class Broyden:
         g = fz - z
         if state is None:
             batch, dim = z.shape
-            state = BroydenState(z.new_zeros(batch, self.memory, dim), z.new_zeros(batch, self.memory, dim), 0, z, g)
+            state = BroydenState(z.new_zeros(self.memory, batch, dim), z.new_zeros(self.memory, batch, dim), 0, z, g)
         else:
             state = self._update(state, z, g, active)
         n = min(state.count, self.memory)
-        proposal = z - _apply(state.u[:, :n], state.v[:, :n], g)
+        proposal = z - _apply(state.u[:n], state.v[:n], g)
         return proposal, state
 
     def _update(self, state: BroydenState, z: Tensor, g: Tensor, active: Tensor) -> BroydenState:
@@ -80,27 +80,28 @@ class Broyden:
             count = 0
         n = count
         dz, dg = z - state.z, g - state.g
-        b_dg = _apply(u[:, :n], v[:, :n], dg)
+        b_dg = _apply(u[:n], v[:n], dg)
         # Second method: v = Δg. First method: v = Bᵀ Δz.
-        direction = dg if self.method == "second" else _apply(v[:, :n], u[:, :n], dz)
-        denom = (direction * dg).sum(dim=1)
+        direction = dg if self.method == "second" else _apply(v[:n], u[:n], dz)
+        denom = torch.linalg.vecdot(direction, dg)
         scale = torch.linalg.vector_norm(direction, dim=1) * torch.linalg.vector_norm(dg, dim=1)
         # Skip the update where the secant direction is (numerically) orthogonal: it would blow B up.
         usable = active & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
         safe_denom = torch.where(usable, denom, torch.ones_like(denom))
-        u[:, count] = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], torch.zeros_like(dz))
-        v[:, count] = torch.where(usable[:, None], direction, torch.zeros_like(dz))
+        u[count] = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], 0.0)
+        v[count] = torch.where(usable[:, None], direction, 0.0)
         return BroydenState(u, v, count + 1, z, g)
 
 
 def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
-    """(-I + Σ_i left_i right_iᵀ) x for a batch: left, right (B, n, D); x (B, D)."""
-    if left.shape[1] == 0:
-        return -x
-    # Broadcast-and-sum rather than bmm: the products are (B, n, D) x (B, D, 1) with tiny n, where
-    # bmm is about twice as slow on CPU.
-    coefficients = (right * x[:, None, :]).sum(dim=2)  # (B, n)
-    return (left * coefficients[:, :, None]).sum(dim=1) - x
+    """(-I + Σ_i left_i right_iᵀ) x for a batch: left, right (n, B, D); x (B, D)."""
+    # n dot products and n fused multiply-adds over contiguous (B, D) slices: on CPU about twice as
+    # fast as bmm's (B, n, D) x (B, D, 1) products with tiny n.
+    coefficients = torch.linalg.vecdot(right, x[None])  # (n, B)
+    result = -x
+    for i in range(left.shape[0]):
+        result.addcmul_(left[i], coefficients[i][:, None])
+    return result
 
 
 def broyden(
