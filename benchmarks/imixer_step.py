@@ -70,10 +70,14 @@ import model as imixer_model  # noqa: E402  (registers the imixer_* / mixer_t* t
 
 SOLVERS = ["broyden", "anderson", "picard"]
 BACKWARDS = ["ift", "phantom", "jfb"]
-TOLS = [1e-3, 1e-4]
-REFERENCE_ITERATIONS = [1, 2, 4, 8]
+TOLS = [1e-2, 1e-3, 1e-4]
+REFERENCE_ITERATIONS = [1, 2, 3, 4, 8]
 MAX_ITER = 30
-SIZES = {"t4_32": {"img_size": 32, "batch": 32}, "s16_224": {"img_size": 224, "batch": 8}}
+# Batch per size on CPU and on CUDA (a GPU needs larger batches to be busy at all).
+SIZES = {
+    "t4_32": {"img_size": 32, "batch": 32, "cuda_batch": 256},
+    "s16_224": {"img_size": 224, "batch": 8, "cuda_batch": 64},
+}
 QUICK_MODES = [
     "vanilla",
     "reference-1",
@@ -288,6 +292,34 @@ def memory_growth(size: str, batch: int, device: torch.device) -> dict[str, Any]
     return out
 
 
+def equal_residual(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each solved mode against the cheapest reference mode at least as accurate.
+
+    "At least as accurate" means a ``residual_max`` no larger than the solved mode's; the cheapest such
+    reference mode is the one with the fewest iterations. Ratios below 1 mean the solved mode is
+    faster (``step_ratio``) or has more throughput than the reference (``throughput_ratio`` above 1).
+    """
+    references = sorted(
+        (row for row in rows if row["mode"].startswith("reference-")), key=lambda row: int(row["mode"].split("-")[1])
+    )
+    comparisons = []
+    for row in rows:
+        if row["mode"] == "vanilla" or row["mode"].startswith("reference-"):
+            continue
+        match = next((ref for ref in references if ref["residual_max"] <= row["residual_max"]), None)
+        comparisons.append(
+            {
+                "mode": row["mode"],
+                "residual_max": row["residual_max"],
+                "reference": None if match is None else match["mode"],
+                "reference_residual_max": None if match is None else match["residual_max"],
+                "step_ratio": None if match is None else row["step_ms"] / match["step_ms"],
+                "throughput_ratio": None if match is None else row["images_per_s"] / match["images_per_s"],
+            }
+        )
+    return comparisons
+
+
 # ------------------------------------------------------------------------------------- report
 def machine_info(device: torch.device) -> dict[str, Any]:
     info = {
@@ -341,6 +373,20 @@ def markdown(results: dict[str, Any]) -> str:
                 cells.append(_fmt(row["cuda_peak_mb"], ".1f"))
             cells += [f"{row['images_per_s']:.1f}", f"{row['throughput_ratio_to_vanilla']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"At equal inverse residual ({size}): each solved mode against the cheapest reference mode whose "
+            "residual max is no larger (step < 1: faster; img/s > 1: more throughput).",
+            "",
+            "| mode | residual max | reference | its residual max | step × reference | img/s × reference |",
+            "|---|---:|---|---:|---:|---:|",
+        ]
+        for comparison in block["equal_residual"]:
+            lines.append(
+                f"| {comparison['mode']} | {comparison['residual_max']:.2e} | {comparison['reference'] or 'none'} | "
+                f"{_fmt(comparison['reference_residual_max'], '.2e')} | {_fmt(comparison['step_ratio'], '.2f')} | "
+                f"{_fmt(comparison['throughput_ratio'], '.2f')} |"
+            )
         lines.append("")
     growth = results["memory_growth"]
     lines += [
@@ -369,7 +415,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)"
     )
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None, help="model sizes to run")
+    parser.add_argument("--modes", nargs="+", default=None, help="modes to run (default: all; vanilla always runs)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every model size")
     args = parser.parse_args(argv)
+    known = all_modes()
+    unknown = [mode for mode in args.modes or [] if mode not in known]
+    if unknown:
+        parser.error(f"--modes: unknown {unknown}; accepted: {known}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
     device = torch.device(args.device)
     threads = args.threads or (1 if args.quick else None)
     if threads:
@@ -378,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     sizes = args.sizes or (["t4_32"] if args.quick else ["t4_32", "s16_224"])
     modes = QUICK_MODES if args.quick else all_modes()
+    if args.modes:
+        modes = ["vanilla"] + [mode for mode in args.modes if mode != "vanilla"]
     start = time.perf_counter()
     results: dict[str, Any] = {
         "config": {
@@ -404,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", imixer_model.il.ConvergenceWarning)
         for size in sizes:
-            batch = 4 if args.quick else SIZES[size]["batch"]
+            batch = args.batch or (4 if args.quick else SIZES[size]["cuda_batch" if device.type == "cuda" else "batch"])
             rows = []
             for mode in modes:
                 row = measure(size, mode, batch, device, warmup, repeats)
@@ -418,9 +474,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for row in rows:
                 row["step_ratio_to_vanilla"] = row["step_ms"] / vanilla["step_ms"]
                 row["throughput_ratio_to_vanilla"] = row["images_per_s"] / vanilla["images_per_s"]
-            results["models"][size] = {"batch": batch, "img_size": SIZES[size]["img_size"], "rows": rows}
+            results["models"][size] = {
+                "batch": batch,
+                "img_size": SIZES[size]["img_size"],
+                "rows": rows,
+                "equal_residual": equal_residual(rows),
+            }
         growth_size = "t4_32" if args.quick or "s16_224" not in sizes else "s16_224"
-        growth_batch = 4 if args.quick else SIZES[growth_size]["batch"]
+        growth_batch = results["models"][growth_size]["batch"] if growth_size in results["models"] else 4
         results["memory_growth"] = memory_growth(growth_size, growth_batch, device)
     results["seconds"] = time.perf_counter() - start
     table = markdown(results)

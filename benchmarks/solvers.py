@@ -27,7 +27,7 @@ with the same solver, tol and max_iter as the forward (its success rate is repor
 graph is not timed. Ratios ours/TorchDEQ pair picard/fixed_point_iter, anderson/anderson,
 broyden/broyden.
 
-Usage: ``python benchmarks/solvers.py [--quick] [--out DIR] [--repeats N] [--seed N]``; writes
+Usage: ``python benchmarks/solvers.py [--quick] [--out DIR] [--repeats N] [--seed N] [--device cuda]``; writes
 ``solvers.json``, ``solvers.md`` and ``solvers_<problem>.png`` into ``DIR`` (default
 ``benchmarks/results/``).
 """
@@ -70,11 +70,11 @@ LINEAR_NORM = 1.5
 
 @dataclass
 class Problem:
-    """A batched fixed-point problem z = f(z): ``make(dtype)`` returns (f, z0) in that dtype."""
+    """A batched fixed-point problem z = f(z): ``make(dtype, device)`` returns (f, z0) there."""
 
     name: str
     description: str
-    make: Callable[[torch.dtype], tuple[Callable[[Tensor], Tensor], Tensor]]
+    make: Callable[[torch.dtype, torch.device], tuple[Callable[[Tensor], Tensor], Tensor]]
 
 
 # ------------------------------------------------------------------------------------ problems
@@ -103,13 +103,15 @@ def _token_mixer_problem(net: torch.nn.Module, images: Tensor, block: int, rows:
     return g, x.detach().clone()
 
 
-def _from_g(g: torch.nn.Module, x: Tensor) -> Callable[[torch.dtype], tuple[Callable[[Tensor], Tensor], Tensor]]:
-    copies = {dtype: copy.deepcopy(g).to(dtype).eval() for dtype in DTYPES.values()}
-    for module in copies.values():
-        module.requires_grad_(False)
+def _from_g(
+    g: torch.nn.Module, x: Tensor
+) -> Callable[[torch.dtype, torch.device], tuple[Callable[[Tensor], Tensor], Tensor]]:
+    copies: dict[tuple[torch.dtype, torch.device], torch.nn.Module] = {}
 
-    def make(dtype: torch.dtype) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        gd, xd = copies[dtype], x.to(dtype)
+    def make(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        if (dtype, device) not in copies:
+            copies[dtype, device] = copy.deepcopy(g).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        gd, xd = copies[dtype, device], x.to(device=device, dtype=dtype)
         return (lambda z: xd + gd(z)), xd.clone()
 
     return make
@@ -195,8 +197,8 @@ def tanh_gaussian_problem(seed: int, dim: int, batch: int, norm: float) -> Probl
     b = 0.1 * torch.randn(dim, generator=generator, dtype=torch.float64)
     drive = x @ u.T + b
 
-    def make(dtype: torch.dtype) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        wd, dd = w.to(dtype), drive.to(dtype)
+    def make(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        wd, dd = w.to(device=device, dtype=dtype), drive.to(device=device, dtype=dtype)
         return (lambda z: torch.tanh(z @ wd.T + dd)), torch.zeros_like(dd)
 
     return Problem(f"tanh_gauss_s{norm}", f"tanh(Wz+Ux+b), Gaussian W, ||W||={norm}, B={batch}, D={dim}", make)
@@ -205,8 +207,8 @@ def tanh_gaussian_problem(seed: int, dim: int, batch: int, norm: float) -> Probl
 def tanh_symmetric_problem(seed: int, dim: int, batch: int, norm: float) -> Problem:
     base = symmetric_tanh_problem(dim, batch, seed=seed, norm=norm, dtype=torch.float64)
 
-    def make(dtype: torch.dtype) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        wd, dd = base.weight.to(dtype), base.drive.to(dtype)
+    def make(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        wd, dd = base.weight.to(device=device, dtype=dtype), base.drive.to(device=device, dtype=dtype)
         return (lambda z: torch.tanh(z @ wd.T + dd)), torch.zeros_like(dd)
 
     return Problem(
@@ -223,8 +225,8 @@ def linear_root_problem(seed: int, dim: int, batch: int) -> Problem:
     a = q @ torch.diag(eig) @ q.T
     b = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
 
-    def make(dtype: torch.dtype) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-        ad, bd = a.to(dtype), b.to(dtype)
+    def make(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        ad, bd = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         return (lambda z: z @ ad.T + bd), torch.zeros_like(bd)
 
     return Problem(
@@ -235,12 +237,19 @@ def linear_root_problem(seed: int, dim: int, batch: int) -> Problem:
 
 
 # ------------------------------------------------------------------------------------ measuring
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, list[float], Any]:
     """Median wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
     times, out = [], fn()
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         out = fn()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, out
 
@@ -252,7 +261,7 @@ def adjoint_solve_fn(
     zg = z.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         fz = f(zg)
-    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(z.dtype)
+    v = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(z)
 
     def adjoint(u: Tensor) -> Tensor:
         (vjp,) = torch.autograd.grad(fz, zg, u.to(fz.dtype), retain_graph=True)
@@ -261,18 +270,20 @@ def adjoint_solve_fn(
     return lambda: il.solve(adjoint, v.clone(), solver=solver, max_iter=max_iter, tol=tol, stop_mode=STOP_MODE)
 
 
-def run_case(problem: Problem, dtype_name: str, solver: str, max_iter: int, repeats: int, seed: int) -> dict:
-    f, z0 = problem.make(DTYPES[dtype_name])
+def run_case(
+    problem: Problem, dtype_name: str, solver: str, max_iter: int, repeats: int, seed: int, device: torch.device
+) -> dict:
+    f, z0 = problem.make(DTYPES[dtype_name], device)
     tol = TOL[dtype_name]
     forward_time, forward_times, result = _median_time(
-        lambda: il.solve(f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=STOP_MODE), repeats
+        lambda: il.solve(f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=STOP_MODE), repeats, device
     )
     # The adjoint is only meaningful at a finite solution; a diverged solve reports nothing for it.
     finite = bool(torch.isfinite(result.z).all())
     backward: dict[str, Any] = {"backward_time_median_s": None, "backward_success_rate": None}
     if finite:
         solve_adjoint = adjoint_solve_fn(f, result.z, solver, max_iter, tol, seed)
-        backward_time, _, adjoint = _median_time(solve_adjoint, repeats)
+        backward_time, _, adjoint = _median_time(solve_adjoint, repeats, device)
         backward = {
             "backward_time_median_s": backward_time,
             "backward_success_rate": float(adjoint.converged.float().mean()),
@@ -368,8 +379,10 @@ def plot_traces(results: list[dict], problems: Sequence[Problem], out: Path) -> 
     return paths
 
 
-def machine() -> dict[str, Any]:
+def machine(device: torch.device) -> dict[str, Any]:
     return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -415,6 +428,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; --quick: 3)")
     parser.add_argument("--max-iter", type=int, default=None, help="iteration cap (default 500; --quick: 100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the solves run (default cpu)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: these small problems are op-overhead bound)"
     )
@@ -431,9 +445,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     il_torchdeq.register()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    device = torch.device(args.device)
+    info = machine(device)
     print(
-        f"machine: {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"machine: {info['device_name']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+        f"torch {info['torch']}, "
         f"torchdeq {info['torchdeq']}, {info['platform']}, {info['date_utc']}"
     )
     problems, train_info = build_problems(args)
@@ -443,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{problem.name}: {problem.description}", flush=True)
         for dtype_name in DTYPES:
             for solver in SOLVERS:
-                results.append(run_case(problem, dtype_name, solver, args.max_iter, args.repeats, args.seed))
+                results.append(run_case(problem, dtype_name, solver, args.max_iter, args.repeats, args.seed, device))
     pair_ratios = ratios(results)
     table = markdown_table(results, pair_ratios)
     plots = plot_traces(results, problems, out)
@@ -469,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
     }
     header = (
-        f"# Solvers: ours vs TorchDEQ\n\n{info['cpu_count']} CPUs, torch {info['torch']}, torchdeq {info['torchdeq']}, "
+        f"# Solvers: ours vs TorchDEQ\n\n{info['device_name']}, {info['cpu_count']} CPUs, "
+        f"torch {info['torch']}, torchdeq {info['torchdeq']}, "
         f"{info['date_utc']}; tol {TOL} ({STOP_MODE}), max_iter {args.max_iter}, median of {args.repeats} runs, "
         f"{args.threads} torch thread(s)"
         f"{' (--quick)' if args.quick else ''}.\n\n"

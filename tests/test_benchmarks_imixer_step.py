@@ -69,7 +69,7 @@ def test_rows_have_the_models_modes_and_finite_numbers(run):
 def test_full_mode_list_and_memory_growth(run):
     module, returned, _, _ = run
     modes = module.all_modes()
-    assert len(modes) == 1 + 4 + 3 * 3 * 2 and modes[0] == "vanilla"
+    assert len(modes) == 1 + 5 + 3 * 3 * 3 and modes[0] == "vanilla"  # references 1, 2, 3, 4, 8; tols 1e-2..1e-4
     assert {"reference-1", "reference-8", "broyden/ift@0.001", "picard/jfb@0.0001"} <= set(modes)
     growth = returned["memory_growth"]
     assert growth["model"] == "imixer_t4_32"
@@ -80,3 +80,28 @@ def test_full_mode_list_and_memory_growth(run):
     assert growth["ift"]["16"]["nstep_max"] == 16  # tol 0 forced every iteration
     # Deterministic byte counts, not timings: IFT's saved activations do not depend on the iterations.
     assert growth["ift"]["growth_16_over_2"] <= 1.05 < growth["reference"]["growth_16_over_2"]
+
+
+def test_equal_residual_pairs_each_solved_mode_with_the_cheapest_accurate_reference(run):
+    module, returned, _, _ = run
+    rows = returned["models"]["t4_32"]["rows"]
+    by_mode = {row["mode"]: row for row in rows}
+    for comparison in returned["models"]["t4_32"]["equal_residual"]:
+        assert comparison["mode"] in by_mode and not comparison["mode"].startswith(("vanilla", "reference"))
+        if comparison["reference"] is None:
+            continue
+        ours, ref = by_mode[comparison["mode"]], by_mode[comparison["reference"]]
+        assert ref["residual_max"] <= ours["residual_max"]
+        assert comparison["step_ratio"] == ours["step_ms"] / ref["step_ms"]
+    # The function itself on a hand-made table: reference-2 is the cheapest with residual <= 1e-3.
+    table = [
+        {"mode": "vanilla", "residual_max": None, "step_ms": 1.0, "images_per_s": 10.0},
+        {"mode": "reference-4", "residual_max": 1e-6, "step_ms": 4.0, "images_per_s": 2.0},
+        {"mode": "reference-1", "residual_max": 1e-2, "step_ms": 2.0, "images_per_s": 5.0},
+        {"mode": "reference-2", "residual_max": 5e-4, "step_ms": 3.0, "images_per_s": 4.0},
+        {"mode": "anderson/ift@0.001", "residual_max": 1e-3, "step_ms": 1.5, "images_per_s": 8.0},
+        {"mode": "picard/jfb@0.0001", "residual_max": 1e-7, "step_ms": 1.5, "images_per_s": 8.0},
+    ]
+    first, second = module.equal_residual(table)
+    assert (first["reference"], first["step_ratio"], first["throughput_ratio"]) == ("reference-2", 0.5, 2.0)
+    assert second["reference"] is None and second["step_ratio"] is None
