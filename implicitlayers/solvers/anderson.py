@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import check_int_at_least
-from .base import SolverResult, iterate
+from .base import SolverResult, iterate, weighted_sum
 
 __all__ = ["Anderson", "anderson"]
 
@@ -65,44 +66,35 @@ class Anderson:
         n = min(state.count + 1, self.memory)
         state.f[slot] = fz
         torch.sub(fz, z, out=state.g[slot])
+        state = state._replace(count=state.count + 1)
         # Only the newest residual changed: update its row and column of the Gram matrix (n dot
         # products per sample instead of n²).
-        row = torch.linalg.vecdot(state.g[:n], state.g[slot][None]).T.double()  # (B, n)
+        row = torch.linalg.vecdot(state.g[:n], state.g[slot]).T.double()  # (B, n)
         state.gram[:, slot, :n] = row
         state.gram[:, :n, slot] = row
-        alpha = self._weights(state.gram[:, :n, :n], slot).to(z.dtype)  # (B, n)
+        if n == 1:  # α = (1): a (damped) Picard step, no system to solve
+            return fz if self.damping == 1.0 else z + self.damping * (fz - z), state
+        weights = self._weights(state.gram[:, :n, :n], slot).T.to(z.dtype)  # (n, B)
         # With history slots j: z_j = f_j - g_j, so the damped mix is Σ α_j f_j - (1 - β) Σ α_j g_j.
-        proposal = _mix(state.f[:n], alpha)
+        proposal = weighted_sum(state.f[:n], weights)
         if self.damping != 1.0:
-            proposal -= (1.0 - self.damping) * _mix(state.g[:n], alpha)
-        return proposal, state._replace(count=state.count + 1)
+            proposal -= (1.0 - self.damping) * weighted_sum(state.g[:n], weights)
+        return proposal, state
 
     def _weights(self, gram: Tensor, newest: int) -> Tensor:
         """Mixing weights (B, n) that minimise ||Σ α_i G_i|| subject to Σ α_i = 1, from the float64 Gram."""
-        batch, n, _ = gram.shape
+        n = gram.shape[1]
         # The n×n systems are tiny; solving them in float64 costs nothing and keeps the weights
         # meaningful when residuals are nearly collinear close to convergence.
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         eye = torch.eye(n, dtype=torch.float64, device=gram.device)
         regularized = gram + (self.regularization * scale)[:, None, None] * eye
-        ones = torch.ones(batch, n, 1, dtype=torch.float64, device=gram.device)
-        weights, info = torch.linalg.solve_ex(regularized, ones)
-        alpha = weights[..., 0] / weights[..., 0].sum(dim=1, keepdim=True)
-        # A singular or non-finite system falls back to a plain Picard step from the newest iterate.
-        failed = (info != 0) | ~torch.isfinite(alpha).all(dim=1)
-        picard_step = torch.zeros_like(alpha)
-        picard_step[:, newest] = 1.0
-        return torch.where(failed[:, None], picard_step, alpha)
-
-
-def _mix(history: Tensor, alpha: Tensor) -> Tensor:
-    """Σ_j alpha[:, j] history[j] for history (n, B, D) and alpha (B, n), one fused pass per term."""
-    # addcmul over contiguous (B, D) slices beats a broadcast-and-sum over (n, B, D) and bmm's
-    # (B, 1, n) x (B, n, D) products on CPU by about 2-4x at iMixer sizes.
-    mixed = history[0] * alpha[:, 0, None]
-    for j in range(1, history.shape[0]):
-        mixed.addcmul_(history[j], alpha[:, j, None])
-    return mixed
+        weights, info = torch.linalg.solve_ex(regularized, torch.ones_like(gram[:, :, :1]))
+        total = weights[..., 0].sum(dim=1)
+        # A singular or non-finite system (a non-finite weight makes the sum inf or NaN) falls back to
+        # a plain Picard step from the newest iterate.
+        usable = (info == 0) & (total.abs() < math.inf) & (total != 0)
+        return torch.where(usable[:, None], weights[..., 0] / total[:, None], eye[newest])
 
 
 def anderson(

@@ -25,6 +25,7 @@ __all__ = [
     "iterate",
     "residual",
     "validate_solve_args",
+    "weighted_sum",
 ]
 
 STOP_MODES = ("rel", "abs")
@@ -124,7 +125,7 @@ class _Progress(NamedTuple):
 
 
 class _Tracker:
-    """Per-sample bookkeeping: residuals, best iterate, convergence and the freeze mask."""
+    """Per-sample bookkeeping: residuals, best iterate, the freeze mask and the convergence trace."""
 
     def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
         batch = z0.shape[0]
@@ -134,31 +135,30 @@ class _Tracker:
         self.best_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=z0.device)
         self.latest_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
         self.trace: list[Tensor] = []
 
     def update(self, z: Tensor, fz: Tensor) -> _Progress:
         """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags."""
+        # As few tensor ops as possible: on small problems each op's dispatch costs more than its
+        # arithmetic, and on a GPU each is a kernel launch.
         res = residual(z, fz, self.stop_mode).float()
-        # z is always finite here, so a non-finite f(z) shows up as a non-finite residual: checking the
-        # B residuals replaces a pass over all of f(z).
-        finite = torch.isfinite(res)
-        counted = self.active
-        self.nstep += counted
-        better = counted & finite & (res < self.best_residual)
-        newly_converged = counted & finite & (res <= self.tol)
-        self.converged |= newly_converged
-        self.active = counted & finite & ~newly_converged
-        self.latest_residual = torch.where(counted & finite, res, self.latest_residual)
+        # z is always finite here, so a non-finite f(z) makes the residual (a norm, >= 0) inf or NaN,
+        # and `res < inf` is False for both: B comparisons instead of a pass over all of f(z).
+        finite = res < math.inf
+        counted = self.active & finite  # samples whose evaluation this was, and usable
+        self.nstep += self.active
+        better = counted & (res < self.best_residual)
+        self.active = counted & (res > self.tol)
+        self.latest_residual = torch.where(counted, res, self.latest_residual)
         self.trace.append(self.latest_residual.max() if len(res) else res.new_zeros(()))
-        # One host synchronisation for all the flags the driver branches on.
-        flags = torch.stack([better.all(), finite.all(), self.active.any(), self.active.all()]).tolist()
-        all_better, all_finite, any_active, all_active = flags
+        # One host synchronisation for every flag the driver branches on.
+        batch = len(res)
+        n_better, n_finite, n_active = torch.stack([better, finite, self.active]).sum(dim=1).tolist()
         self.best_residual = torch.where(better, res, self.best_residual)
         # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
-        self.best_z = z if all_better else torch.where(better[:, None], z, self.best_z)
-        return _Progress(finite, all_finite, any_active, all_active)
+        self.best_z = z if n_better == batch else torch.where(better[:, None], z, self.best_z)
+        return _Progress(finite, n_finite == batch, n_active > 0, n_active == batch)
 
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
         # A sample whose very first f(z0) was non-finite has no finite residual: report inf, return z0.
@@ -166,9 +166,30 @@ class _Tracker:
             z=self.best_z.reshape(shape).to(dtype),
             nstep=self.nstep,
             residual=self.best_residual,
-            converged=self.converged,
+            # The best residual is <= tol exactly when some iterate met the tolerance.
+            converged=self.best_residual <= self.tol,
             trace=torch.stack(self.trace),
         )
+
+
+def weighted_sum(terms: Tensor, weights: Tensor) -> Tensor:
+    """Σ_j weights[j, b] · terms[j, b, :] for terms ``(n, B, D)`` and weights ``(n, B)``; returns ``(B, D)``.
+
+    The products of Anderson's mixing and of Broyden's low-rank updates, per sample.
+    """
+    if terms[0].numel() < _FUSED_SUM_LIMIT:
+        # Small problems: one broadcast op, since dispatching n separate ops costs more.
+        return (terms * weights[:, :, None]).sum(dim=0)
+    # Large problems: n fused multiply-adds over contiguous (B, D) slices, with no (n, B, D)
+    # temporary; on CPU 2-4x faster than the broadcast or bmm's (B, 1, n) x (B, n, D) products.
+    total = terms[0] * weights[0, :, None]
+    for j in range(1, terms.shape[0]):
+        total.addcmul_(terms[j], weights[j, :, None])
+    return total
+
+
+# Elements per (B, D) slice above which weighted_sum loops over the n terms.
+_FUSED_SUM_LIMIT = 1 << 16
 
 
 def iterate(

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import check_int_at_least
-from .base import SolverResult, iterate
+from .base import SolverResult, iterate, weighted_sum
 
 __all__ = ["BROYDEN_METHODS", "Broyden", "broyden"]
 
@@ -85,23 +85,21 @@ class Broyden:
         direction = dg if self.method == "second" else _apply(v[:n], u[:n], dz)
         denom = torch.linalg.vecdot(direction, dg)
         scale = torch.linalg.vector_norm(direction, dim=1) * torch.linalg.vector_norm(dg, dim=1)
-        # Skip the update where the secant direction is (numerically) orthogonal: it would blow B up.
-        usable = active & torch.isfinite(denom) & (denom.abs() > 1e-12 * scale) & (scale > 0)
-        safe_denom = torch.where(usable, denom, torch.ones_like(denom))
-        u[count] = torch.where(usable[:, None], (dz - b_dg) / safe_denom[:, None], 0.0)
-        v[count] = torch.where(usable[:, None], direction, 0.0)
+        # Skip the update where the secant direction is (numerically) orthogonal, NaN included: it would
+        # blow B up. A zero u makes the stored term u vᵀ vanish, whatever v holds.
+        usable = active & (denom.abs() > 1e-12 * scale)
+        inverse_denom = torch.where(usable, 1.0 / denom, 0.0)
+        u[count] = (dz - b_dg) * inverse_denom[:, None]
+        v[count] = direction
         return BroydenState(u, v, count + 1, z, g)
 
 
 def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
     """(-I + Σ_i left_i right_iᵀ) x for a batch: left, right (n, B, D); x (B, D)."""
-    # n dot products and n fused multiply-adds over contiguous (B, D) slices: on CPU about twice as
-    # fast as bmm's (B, n, D) x (B, D, 1) products with tiny n.
-    coefficients = torch.linalg.vecdot(right, x[None])  # (n, B)
-    result = -x
-    for i in range(left.shape[0]):
-        result.addcmul_(left[i], coefficients[i][:, None])
-    return result
+    if left.shape[0] == 0:
+        return -x
+    coefficients = torch.linalg.vecdot(right, x)  # (n, B)
+    return weighted_sum(left, coefficients) - x
 
 
 def broyden(
