@@ -350,6 +350,36 @@ def markdown_table(results: list[dict], pair_ratios: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: list[dict], pair_ratios: list[dict]) -> str:
+    """One row per problem and dtype: success and forward-time ratio of each solver against TorchDEQ's."""
+    success = {(r["problem"], r["dtype"], r["solver"]): r["success_rate"] for r in results}
+    ratio_index = {(r["problem"], r["dtype"], r["ours"]): r["time_median_s"] for r in pair_ratios}
+    cases = list(dict.fromkeys((r["problem"], r["dtype"]) for r in results))
+    header = "| problem | dtype |"
+    rule = "|---|---|"
+    for ours in OURS:
+        header += f" {ours} success (td) | {ours} time × td |"
+        rule += "---:|---:|"
+    lines = [header, rule]
+    for problem, dtype in cases:
+        cells = [problem, dtype]
+        for ours in OURS:
+            theirs = success.get((problem, dtype, PAIRS[ours]))
+            cells.append(f"{success[(problem, dtype, ours)]:.2f} ({_fmt(theirs, '.2f')})")
+            cells.append(_fmt(ratio_index.get((problem, dtype, ours)), ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    for ours in ("anderson", "broyden"):
+        values = [r["time_median_s"] for r in pair_ratios if r["ours"] == ours and r["time_median_s"] is not None]
+        at_least = sum(r["success_rate_diff"] >= 0 for r in pair_ratios if r["ours"] == ours)
+        lines.append("")
+        lines.append(
+            f"{ours}: time ≤ 0.7× TorchDEQ's in {sum(v <= 0.7 for v in values)} of {len(values)} cases "
+            f"(median ratio {statistics.median(values):.2f}, max {max(values):.2f}); success ≥ TorchDEQ's in "
+            f"{at_least} of {sum(r['ours'] == ours for r in pair_ratios)}."
+        )
+    return "\n".join(lines)
+
+
 def plot_traces(results: list[dict], problems: Sequence[Problem], out: Path) -> list[str]:
     import matplotlib
 
@@ -462,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 results.append(run_case(problem, dtype_name, solver, args.max_iter, args.repeats, args.seed, device))
     pair_ratios = ratios(results)
     table = markdown_table(results, pair_ratios)
+    summary = summary_table(results, pair_ratios)
     plots = plot_traces(results, problems, out)
     report = {
         "machine": info,
@@ -491,9 +522,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{args.threads} torch thread(s)"
         f"{' (--quick)' if args.quick else ''}.\n\n"
     )
-    (out / "solvers.md").write_text(header + table + "\n")
+    (out / "solvers.md").write_text(header + "## Summary\n\n" + summary + "\n\n## All cases\n\n" + table + "\n")
     (out / "solvers.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table)
+    print(summary)
     print(f"wrote {out / 'solvers.json'}, {out / 'solvers.md'} and {len(plots)} plots in {report['seconds']:.1f} s")
     return report
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .solvers import SolverResult, residual, solve
 
-__all__ = ["GRADIENT_MODES", "attach_ift", "attach_phantom", "unrolled_picard"]
+__all__ = ["GRADIENT_MODES", "LastEvaluation", "attach_ift", "attach_phantom", "unrolled_picard"]
 
 GRADIENT_MODES = ("ift", "phantom", "jfb", "unrolled")
 """The accepted values of the layers' ``backward=`` argument."""
@@ -81,12 +81,15 @@ def attach_ift(
             (vjp,) = torch.autograd.grad(fz, z_leaf, u.to(fz.dtype), retain_graph=True)
             return vjp.to(u.dtype) + grad.to(u.dtype)
 
+        # As in the forward, return the image v + Jᵀu* of the best iterate: computed anyway, and one
+        # step closer to the solution.
+        recorded = LastEvaluation(adjoint_map, graph=False, input_grad=False)
         result = solve(
-            adjoint_map, grad, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **(solver_options or {})
+            recorded, grad, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **(solver_options or {})
         )
         if on_result is not None:
             on_result(result)
-        return result.z.to(grad.dtype)
+        return recorded.at(result.z)[1].to(grad.dtype)
 
     # The hook goes on a view: the adjoint's VJPs start from fz itself and must not trigger it.
     out = fz.view_as(fz)
@@ -165,3 +168,40 @@ def unrolled_picard(
         trace=torch.stack(trace),
     )
     return z, result
+
+
+class LastEvaluation:
+    """``f`` that remembers its latest input and output, with the output's graph when asked.
+
+    Solvers evaluate f at the iterate they return (to measure its residual), so the layer can reuse
+    that evaluation, graph included, instead of evaluating f once more for the output and gradient.
+
+    Args:
+        f: z ↦ f(z, x).
+        graph: Record autograd in every evaluation (only the latest graph is kept alive).
+        input_grad: Make each input a leaf that requires grad (the IFT adjoint needs VJPs in z).
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], *, graph: bool, input_grad: bool) -> None:
+        self.f = f
+        self.graph = graph
+        self.input_grad = input_grad
+        self.z: Tensor | None = None
+        self.fz: Tensor | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self._evaluate(z)[1]
+
+    def at(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_leaf, f(z_leaf))`` at ``z``: the latest evaluation if it was at exactly ``z``, else a new one."""
+        if self.z is not None and self.fz is not None and self.z.shape == z.shape and torch.equal(self.z.detach(), z):
+            return self.z, self.fz
+        return self._evaluate(z)
+
+    def _evaluate(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.z = self.fz = None  # release the previous graph before building the next
+        with torch.set_grad_enabled(self.graph):
+            z = z.detach().requires_grad_(self.input_grad)
+            fz = self.f(z)
+        self.z, self.fz = z, fz
+        return z, fz

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..backward import GRADIENT_MODES, attach_ift, attach_phantom, unrolled_picard
+from ..backward import GRADIENT_MODES, LastEvaluation, attach_ift, attach_phantom, unrolled_picard
 from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
 from ..solvers import SolverResult, get_solver, solve, validate_solve_args
 
@@ -268,40 +268,3 @@ def initial_guess(z_init: str | Callable[[Tensor], Tensor], x: Tensor) -> Tensor
     if not isinstance(z0, Tensor):
         raise ValueError(f"z_init(x) must return a Tensor, got {type(z0).__name__}")
     return z0
-
-
-class LastEvaluation:
-    """``f`` that remembers its latest input and output, with the output's graph when asked.
-
-    Solvers evaluate f at the iterate they return (to measure its residual), so the layer can reuse
-    that evaluation, graph included, instead of evaluating f once more for the output and gradient.
-
-    Args:
-        f: z ↦ f(z, x).
-        graph: Record autograd in every evaluation (only the latest graph is kept alive).
-        input_grad: Make each input a leaf that requires grad (the IFT adjoint needs VJPs in z).
-    """
-
-    def __init__(self, f: Callable[[Tensor], Tensor], *, graph: bool, input_grad: bool) -> None:
-        self.f = f
-        self.graph = graph
-        self.input_grad = input_grad
-        self.z: Tensor | None = None
-        self.fz: Tensor | None = None
-
-    def __call__(self, z: Tensor) -> Tensor:
-        return self._evaluate(z)[1]
-
-    def at(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z_leaf, f(z_leaf))`` at ``z``: the latest evaluation if it was at exactly ``z``, else a new one."""
-        if self.z is not None and self.fz is not None and self.z.shape == z.shape and torch.equal(self.z.detach(), z):
-            return self.z, self.fz
-        return self._evaluate(z)
-
-    def _evaluate(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        self.z = self.fz = None  # release the previous graph before building the next
-        with torch.set_grad_enabled(self.graph):
-            z = z.detach().requires_grad_(self.input_grad)
-            fz = self.f(z)
-        self.z, self.fz = z, fz
-        return z, fz
