@@ -263,3 +263,12 @@ def test_registered_solvers_plug_into_solve_and_layers():
 class _HalfPlusInput(torch.nn.Module):
     def forward(self, z, x):
         return 0.5 * z + x
+
+
+def test_the_returned_iterate_never_aliases_the_callers_tensor():
+    # z0 is already the fixed point, so the best iterate is z0 itself: it must come back as a copy.
+    z0 = torch.zeros(3, 4)
+    result = il.solve(lambda z: 0.5 * z, z0, solver="picard", tol=1e-6)
+    assert bool(result.converged.all()) and result.nstep.tolist() == [1, 1, 1]
+    z0.add_(1.0)
+    assert torch.equal(result.z, torch.zeros(3, 4))

@@ -131,7 +131,7 @@ class _Tracker:
         batch = z0.shape[0]
         self.tol = tol
         self.stop_mode = stop_mode
-        self.best_z = z0.clone()
+        self.best_z = z0  # the driver's own copy: iterates may alias it, never the caller's z0
         self.best_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
@@ -227,7 +227,8 @@ def _iterate(
 ) -> SolverResult:
     shape, device_type = z0.shape, z0.device.type
     dtype = working_dtype(z0.dtype)
-    z = z0.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype)  # -1 fails on an empty batch
+    # A private copy: the best iterate may be z itself, which must not alias the caller's tensor.
+    z = z0.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype, copy=True)  # -1 fails on an empty batch
     tracker = _Tracker(z, tol, stop_mode)
     state = None
     for evaluation in range(max_iter):
