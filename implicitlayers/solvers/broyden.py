@@ -86,10 +86,10 @@ class Broyden:
         denom = torch.linalg.vecdot(direction, dg)
         scale = torch.linalg.vector_norm(direction, dim=1) * torch.linalg.vector_norm(dg, dim=1)
         # Skip the update where the secant direction is (numerically) orthogonal, NaN included: it would
-        # blow B up. A zero u makes the stored term u vᵀ vanish, whatever v holds.
+        # blow B up. A zero u makes the stored term u vᵀ vanish, whatever v holds; it is selected, not
+        # multiplied by zero, so an overflowed Δz - BΔg cannot leave a NaN behind.
         usable = active & (denom.abs() > 1e-12 * scale)
-        inverse_denom = torch.where(usable, 1.0 / denom, 0.0)
-        u[count] = (dz - b_dg) * inverse_denom[:, None]
+        u[count] = torch.where(usable[:, None], (dz - b_dg) / denom[:, None], 0.0)
         v[count] = direction
         return BroydenState(u, v, count + 1, z, g)
 
