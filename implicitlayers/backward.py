@@ -150,7 +150,8 @@ def unrolled_picard(
             raise ValueError(f"f(z0) has shape {tuple(fz.shape)} but z0 has shape {tuple(z.shape)}")
         with torch.no_grad():
             res = residual(z, fz, stop_mode).float()
-            finite = torch.isfinite(fz).flatten(1).all(dim=1) & torch.isfinite(res)
+            # As in the solvers' driver: a non-finite f(z) or z makes the residual inf or NaN.
+            finite = res < math.inf
             step = active & finite
             nstep += active.long()
             last_residual = torch.where(step, res, last_residual)
