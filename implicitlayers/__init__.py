@@ -1,20 +1,23 @@
 """implicitlayers: implicit and invertible layers for PyTorch.
 
 Fixed-point solvers (:func:`solve`), gradient modes (IFT, phantom, JFB, unrolled), Lipschitz control
-(:func:`spectral_norm`, :func:`lipschitz_bound`) and the layers built from them
+(:func:`spectral_norm`, :func:`lipschitz_bound`), the implicit-function primitive
+(:func:`implicit_fixed_point`, exact derivatives under every transform) and the layers built on it
 (:class:`ImplicitLayer`, :class:`InvertibleResidual`, :class:`ImplicitMLP`).
 """
 
 from .backward import GRADIENT_MODES
 from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
+from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
 from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual
 from .lipschitz import SoftSpectralNorm, lipschitz_bound, spectral_norm
-from .solvers import SolverResult, available_solvers, get_solver, register_solver, residual, solve
+from .solvers import STATUS_NAMES, SolverResult, available_solvers, get_solver, register_solver, residual, solve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRADIENT_MODES",
+    "STATUS_NAMES",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointModule",
@@ -22,10 +25,13 @@ __all__ = [
     "ImplicitMLP",
     "InvertibleResidual",
     "LipschitzWarning",
+    "ModuleFunction",
     "SoftSpectralNorm",
+    "SolveConfig",
     "SolverResult",
     "available_solvers",
     "get_solver",
+    "implicit_fixed_point",
     "lipschitz_bound",
     "register_solver",
     "residual",

@@ -7,15 +7,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from ..backward import GRADIENT_MODES, LastEvaluation, attach_ift, attach_phantom, unrolled_picard
+from ..backward import GRADIENT_MODES, phantom_steps, unrolled_picard
 from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
-from ..solvers import SolverResult, get_solver, solve, validate_solve_args
+from ..implicit_function import (
+    ModuleFunction,
+    SolveConfig,
+    implicit_fixed_point,
+    stop_gradient_fixed_point,
+)
+from ..solvers import SolverResult, get_solver, validate_solve_args
 
 __all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer"]
 
 NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
+_REASON_WORDS = {"max_iter": "ran out of max_iter", "non_finite": "produced inf/NaN", "diverged": "diverged"}
 
 
 class FixedPointModule(nn.Module):
@@ -76,74 +82,67 @@ class FixedPointModule(nn.Module):
         self.backward_stats: SolverResult | None = None
         self._warn = RateLimitedWarner()
 
-    def fixed_point(self, f: Callable[[Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
-        """Solves z = f(z) from ``z0`` and returns f(z*) with this layer's gradient attached.
+    def fixed_point(self, f: Callable[[Tensor, Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
+        """Solves z = f(z, x) from ``z0`` and returns f(z*) with this layer's gradient attached.
 
         The output is the image f(z*) of the solver's best iterate z* (``stats.z``), as in TorchDEQ:
-        the solver evaluated it anyway to measure z*'s residual, and it is one Picard step closer to
-        the fixed point (||f(f(z*)) - f(z*)|| <= Lip(f) ||f(z*) - z*||). In training the graph of
-        that same evaluation carries the gradient, so no extra evaluation of f is spent on it.
+        one Picard step closer to the fixed point (||f(f(z*)) - f(z*)|| <= Lip(f) ||f(z*) - z*||).
+
+        ``f`` may use this module's submodules freely: their parameters and buffers are passed to the
+        implicit-function primitive as explicit inputs (parametrised weights, such as spectral norm,
+        computed once per call, so the map is fixed during the solve and the power iteration advances
+        once per training forward). Hence the derivatives are exact under every transform, and
+        independent modules can run in independent threads.
 
         Args:
-            f: z ↦ f(z, x), recording autograd when called with grad enabled.
+            f: ``(z, x) ↦ f(z, x)``; sample b of its output may depend only on sample b of z and x.
             z0: Initial guess, shape ``(B, ...)``; in ``"unrolled"`` mode gradients flow through it.
-            x: The input ``f`` closes over; a gradient is attached when it or a parameter of this
-                module requires one (and grad mode is on).
+            x: The input, shape ``(B, ...)`` (dim 0 indexes the same samples as z's).
 
         Returns:
-            f(z*), shape of ``z0`` (float32 at least), differentiable according to ``backward``.
+            f(z*), shape of ``z0``, in ``z0``'s dtype, differentiable according to ``backward``.
         """
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        # Parametrised weights (spectral norm) are computed once per forward, with their graph, and
-        # reused by every evaluation of f: the map must not change during a solve, and the power
-        # iteration must advance once per forward, not once per solver step.
-        with parametrize.cached():
-            self._prime_parametrizations()
-            if self.backward == "unrolled":
-                z, result = unrolled_picard(f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode)
-            else:
-                recorded = LastEvaluation(f, graph=needs_grad, input_grad=needs_grad and self.backward == "ift")
-                result = solve(
-                    recorded,
-                    z0.detach(),
-                    solver=self.solver,
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    stop_mode=self.stop_mode,
-                    **self.solver_options,
-                )
-                z_leaf, fz = recorded.at(result.z)
-                z = self._attach_gradient(f, z_leaf, fz) if needs_grad else fz
-                z = z.to(result.z.dtype)
+        function = ModuleFunction(self, f)
+        tensors = function.tensors()
+        options = {"per_sample": (True,) + (False,) * len(tensors), "forward": self._forward_config()}
+        if self.backward == "unrolled":
+            z, result = function.bind((x, *tensors), lambda bound: self._unrolled(bound, z0))
+            if result is not None:
+                self._record_forward(result)
+        elif self.backward == "ift":
+            z = implicit_fixed_point(
+                function,
+                z0,
+                x,
+                *tensors,
+                **options,
+                adjoint=self._adjoint_config(),
+                on_forward=self._record_forward,
+                on_backward=self._record_backward,
+            )
+        else:
+            z_star = stop_gradient_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
+            steps, damping = (1, 1.0) if self.backward == "jfb" else (self.phantom_steps, self.phantom_damping)
+            z = function.bind((x, *tensors), lambda bound: phantom_steps(bound, z_star, steps=steps, damping=damping))
+        return z.to(z0.dtype)
+
+    def _unrolled(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverResult | None]:
+        return unrolled_picard(f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode)
+
+    def _forward_config(self) -> SolveConfig:
+        return SolveConfig(self.solver, self.max_iter, self.tol, self.stop_mode, self.solver_options)
+
+    def _adjoint_config(self) -> SolveConfig:
+        options = self.solver_options if self.backward_solver == self.solver else {}
+        return SolveConfig(self.backward_solver, self.backward_max_iter, self.backward_tol, self.stop_mode, options)
+
+    def _record_forward(self, result: SolverResult) -> None:
         self.stats = result.detach()
         self._report(result, "forward")
-        return z
-
-    def _attach_gradient(self, f: Callable[[Tensor], Tensor], z_leaf: Tensor, fz: Tensor) -> Tensor:
-        if self.backward == "ift":
-            return attach_ift(
-                fz,
-                z_leaf,
-                solver=self.backward_solver,
-                max_iter=self.backward_max_iter,
-                tol=self.backward_tol,
-                stop_mode=self.stop_mode,
-                solver_options=self.solver_options if self.backward_solver == self.solver else None,
-                on_result=self._record_backward,
-            )
-        if self.backward == "jfb":
-            return fz
-        return attach_phantom(f, z_leaf, fz, steps=self.phantom_steps, damping=self.phantom_damping)
 
     def _record_backward(self, result: SolverResult) -> None:
         self.backward_stats = result.detach()
         self._report(result, "backward")
-
-    def _prime_parametrizations(self) -> None:
-        for module in self.modules():
-            if parametrize.is_parametrized(module):
-                for name in module.parametrizations:
-                    getattr(module, name)
 
     def _report(self, result: SolverResult, direction: str) -> None:
         # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
@@ -151,9 +150,12 @@ class FixedPointModule(nn.Module):
         if self.on_nonconvergence == "ignore" or tol == 0 or bool(result.converged.all()):
             return
         unconverged = float((~result.converged).float().mean())
+        reasons = ", ".join(
+            f"{count} {_REASON_WORDS[name]}" for name, count in result.reasons().items() if name != "converged"
+        )
         message = (
             f"{type(self).__name__} {direction} solve did not converge for {unconverged:.1%} of samples "
-            f"(max residual {float(result.residual.max()):.3g} > tol {tol:g}, "
+            f"({reasons}; max residual {float(result.residual.max()):.3g} > tol {tol:g}, "
             f"max_iter {self.max_iter if direction == 'forward' else self.backward_max_iter}); "
             "raise max_iter, try solver='broyden' or 'anderson', or lower the Lipschitz constant of f"
         )
@@ -248,7 +250,7 @@ class ImplicitLayer(FixedPointModule):
 
     def forward(self, x: Tensor) -> Tensor:
         z0 = initial_guess(self.z_init, x)
-        return self.fixed_point(lambda z: self.f(z, x), z0, x)
+        return self.fixed_point(self.f, z0, x)
 
 
 def validate_z_init(z_init: str | Callable[[Tensor], Tensor]) -> str | Callable[[Tensor], Tensor]:

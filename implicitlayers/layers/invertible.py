@@ -86,7 +86,7 @@ class InvertibleResidual(FixedPointModule):
 
     def inverse(self, y: Tensor) -> Tensor:
         """x with x + g(x) = y, found from the initial guess x = y; shape of y."""
-        return self.fixed_point(lambda x: y - self.g(x), y, y)
+        return self.fixed_point(lambda x, y: y - self.g(x), y, y)
 
 
 class ImplicitMLP(FixedPointModule):
@@ -176,7 +176,7 @@ class ImplicitMLP(FixedPointModule):
             raise ValueError(f"x must have shape (..., {self.features}), got {tuple(x.shape)}")
         rows = x.reshape(-1, self.features)
         z0 = initial_guess(self.z_init, rows)
-        z = self.fixed_point(lambda z: rows + self.g(z), z0, x)
+        z = self.fixed_point(lambda z, rows: rows + self.g(z), z0, rows)
         return z.reshape(x.shape)
 
     def inverse(self, z: Tensor) -> Tensor:

@@ -14,11 +14,12 @@ from typing import Any
 from torch import Tensor
 
 from .anderson import Anderson, anderson
-from .base import STOP_MODES, SolverResult, StepRule, iterate, residual, validate_solve_args
+from .base import STATUS_NAMES, STOP_MODES, SolverResult, StepRule, iterate, residual, validate_solve_args
 from .broyden import Broyden, broyden
 from .picard import Picard, picard
 
 __all__ = [
+    "STATUS_NAMES",
     "STOP_MODES",
     "Anderson",
     "Broyden",
@@ -104,16 +105,21 @@ def solve(
     Args:
         f: Maps a tensor of shape ``(B, ...)`` to one of the same shape; sample ``b`` of the output may
             depend only on sample ``b`` of the input.
-        z0: Initial guess, shape ``(B, ...)``. Iterates are kept in float32 at least (also under autocast).
+        z0: Initial guess, shape ``(B, ...)``. Iterates are kept in float32 at least (also under
+            autocast); ``f`` is called with iterates in ``z0``'s dtype (half for a half module).
         solver: A name from :func:`available_solvers`.
         max_iter: Maximum number of evaluations of ``f`` (>= 1).
         tol: Each sample stops as soon as its residual is at most ``tol`` (>= 0).
-        stop_mode: ``"rel"``: ||f(z)-z|| / (||f(z)|| + 1e-12); ``"abs"``: ||f(z)-z||.
+        stop_mode: ``"rel"``: ||f(z)-z|| / (||f(z)|| + 1e-12); ``"abs"``: ||f(z)-z||. ``"rel"`` measures
+            the step relative to the iterate's size, so for a map with no fixed point whose iterates
+            grow without bound at a bounded step (f(z) = z + 1) it eventually falls below ``tol``:
+            use ``"abs"`` where the scale of z is known and such maps are possible.
         **options: Solver-specific settings, e.g. ``memory``/``damping`` for ``"anderson"``.
 
     Returns:
         A :class:`SolverResult` with the best iterate and diagnostics per sample. Failing to converge
-        is not an error: check ``converged``.
+        is not an error: check ``converged``, and ``status`` for why a sample stopped (ran out of
+        iterations, ``f`` overflowed to inf/NaN, or the residual grew without bound).
 
     Raises:
         ValueError: For an unknown solver or option, ``max_iter < 1``, ``tol < 0``, an unknown

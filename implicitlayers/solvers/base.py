@@ -19,6 +19,8 @@ from torch import Tensor
 from ..errors import check_int_at_least
 
 __all__ = [
+    "DIVERGENCE_FACTOR",
+    "STATUS_NAMES",
     "STOP_MODES",
     "SolverResult",
     "StepRule",
@@ -32,6 +34,17 @@ STOP_MODES = ("rel", "abs")
 
 # Added to ||f(z)|| in the relative residual so that z = f(z) = 0 counts as converged.
 RESIDUAL_EPS = 1e-12
+
+STATUS_NAMES = ("converged", "max_iter", "non_finite", "diverged")
+"""What ``SolverResult.status`` codes mean, by index: 0 converged; 1 ran out of ``max_iter`` (or was
+never asked to converge); 2 ``f`` returned inf/NaN for that sample; 3 its absolute residual grew past
+:data:`DIVERGENCE_FACTOR` times the one at ``z0``."""
+
+DIVERGENCE_FACTOR = 1e8
+"""A sample whose ||f(z) - z|| exceeds this multiple of its ||f(z0) - z0|| is stopped as diverged.
+
+Accelerated solvers may overshoot for a few steps, by orders of magnitude at most; eight orders of
+magnitude above the start is growth without bound (for z = 2z + 1 from 0 it takes 27 steps)."""
 
 
 @dataclass
@@ -47,6 +60,9 @@ class SolverResult:
         converged: Whether each sample's residual is at most ``tol``, ``BoolTensor[B]``.
         trace: The largest residual over the batch at each evaluation of ``f``, ``Tensor[K]``: every
             sample contributes the residual of its latest finite iterate (for plots of convergence).
+        status: Why each sample stopped, ``LongTensor[B]`` indexing :data:`STATUS_NAMES`:
+            converged, max_iter, non_finite or diverged. Defaults to converged/max_iter from
+            ``converged`` for results built without it.
     """
 
     z: Tensor
@@ -54,18 +70,34 @@ class SolverResult:
     residual: Tensor
     converged: Tensor
     trace: Tensor
+    status: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is None:
+            self.status = (~self.converged).long()
 
     def detach(self) -> SolverResult:
         """Returns a copy whose tensors are detached from any autograd graph."""
-        return SolverResult(self.z.detach(), self.nstep, self.residual.detach(), self.converged, self.trace.detach())
+        return SolverResult(
+            self.z.detach(), self.nstep, self.residual.detach(), self.converged, self.trace.detach(), self.status
+        )
+
+    def reasons(self) -> dict[str, int]:
+        """How many samples stopped for each reason of :data:`STATUS_NAMES` (only those that occur)."""
+        counts = torch.bincount(self.status.flatten().cpu(), minlength=len(STATUS_NAMES)).tolist()
+        return {name: count for name, count in zip(STATUS_NAMES, counts, strict=False) if count}
 
     def summary(self) -> dict[str, float]:
-        """Batch statistics as plain floats: mean/max steps, max residual, fraction unconverged."""
+        """Batch statistics as plain floats: mean/max steps, max residual, fractions unconverged,
+        non-finite and diverged."""
+        batch = max(len(self.status), 1)
         return {
             "nstep_mean": float(self.nstep.float().mean()),
             "nstep_max": float(self.nstep.max()),
             "residual_max": float(self.residual.max()),
             "unconverged": float((~self.converged).float().mean()),
+            "non_finite": float((self.status == 2).sum()) / batch,
+            "diverged": float((self.status == 3).sum()) / batch,
         }
 
 
@@ -82,7 +114,10 @@ class StepRule(Protocol):
 
 
 def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
-    """Per-sample residual of ``z`` for the map that sent it to ``fz``.
+    """Per-sample residual of ``z`` for the map that sent it to ``fz``, free of overflow.
+
+    Norms are computed without squaring overflow (float32 iterates of 1e20 have finite residuals), so
+    the residual is inf or NaN only where ``z`` or ``fz`` is.
 
     Args:
         z: Iterate, shape ``(B, ...)``.
@@ -90,15 +125,38 @@ def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
         stop_mode: ``"rel"`` for ||f(z)-z|| / (||f(z)|| + 1e-12), ``"abs"`` for ||f(z)-z||.
 
     Returns:
-        Residuals, shape ``(B,)``, in at least float32.
+        Residuals, shape ``(B,)``, float64.
     """
     work = torch.promote_types(z.dtype, torch.float32)
     z2 = z.reshape(z.shape[0], math.prod(z.shape[1:])).to(work)
     f2 = fz.reshape(fz.shape[0], math.prod(fz.shape[1:])).to(work)
-    diff = torch.linalg.vector_norm(f2 - z2, dim=1)
+    return _residuals(z2, f2, stop_mode, robust=True)[0]
+
+
+def row_norms(x: Tensor, robust: bool = True) -> Tensor:
+    """2-norms of the rows of ``x`` (B, D), float64.
+
+    With ``robust`` the rows are scaled by their largest magnitude first, so that squaring cannot
+    overflow (float32 near 1e19, float64 near 1e154) nor underflow; otherwise one plain pass.
+    """
+    if not robust or x.shape[0] == 0:
+        return torch.linalg.vector_norm(x, dim=1).double()
+    scale = x.abs().amax(dim=1, keepdim=True)
+    scaled = x / scale.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.linalg.vector_norm(scaled.double(), dim=1) * scale[:, 0].double()
+
+
+def _residuals(z: Tensor, fz: Tensor, stop_mode: str, robust: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(residual, ||f(z) - z||, usable)`` per row of flat ``(B, D)`` tensors, float64.
+
+    ``usable`` is False where a norm is inf or NaN: a relative residual with an overflowed ||f(z)||
+    would read 0, and an overflow must never pass for convergence.
+    """
+    diff = row_norms(fz - z, robust)
     if stop_mode == "abs":
-        return diff
-    return diff / (torch.linalg.vector_norm(f2, dim=1) + RESIDUAL_EPS)
+        return diff, diff, diff < math.inf
+    image = row_norms(fz, robust)
+    return diff / (image + RESIDUAL_EPS), diff, (diff < math.inf) & (image < math.inf)
 
 
 def validate_solve_args(max_iter: int, tol: float, stop_mode: str) -> None:
@@ -125,50 +183,66 @@ class _Progress(NamedTuple):
 
 
 class _Tracker:
-    """Per-sample bookkeeping: residuals, best iterate, the freeze mask and the convergence trace."""
+    """Per-sample bookkeeping: residuals, best iterate, the freeze mask, stop reasons and the trace."""
 
     def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
         batch = z0.shape[0]
         self.tol = tol
         self.stop_mode = stop_mode
         self.best_z = z0  # the driver's own copy: iterates may alias it, never the caller's z0
-        self.best_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
+        self.best_residual = torch.full((batch,), math.inf, dtype=torch.float64, device=z0.device)
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.latest_residual = torch.full((batch,), math.inf, dtype=torch.float32, device=z0.device)
+        self.latest_residual = torch.full((batch,), math.inf, dtype=torch.float64, device=z0.device)
+        self.divergence_limit: Tensor | None = None  # DIVERGENCE_FACTOR · ||f(z0) - z0|| per sample
+        self.status = torch.ones(batch, dtype=torch.long, device=z0.device)  # max_iter until shown otherwise
         self.trace: list[Tensor] = []
 
     def update(self, z: Tensor, fz: Tensor) -> _Progress:
         """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags."""
         # As few tensor ops as possible: on small problems each op's dispatch costs more than its
-        # arithmetic, and on a GPU each is a kernel launch.
-        res = residual(z, fz, self.stop_mode).float()
-        # z is always finite here, so a non-finite f(z) makes the residual (a norm, >= 0) inf or NaN,
-        # and `res < inf` is False for both: B comparisons instead of a pass over all of f(z).
-        finite = res < math.inf
-        counted = self.active & finite  # samples whose evaluation this was, and usable
-        self.nstep += self.active
-        better = counted & (res < self.best_residual)
-        self.active = counted & (res > self.tol)
-        self.latest_residual = torch.where(counted, res, self.latest_residual)
-        self.trace.append(self.latest_residual.max() if len(res) else res.new_zeros(()))
-        # One host synchronisation for every flag the driver branches on.
+        # arithmetic, and on a GPU each is a kernel launch. So norms take one plain pass, and the
+        # overflow-safe pass runs only when a plain norm came out inf or NaN.
+        update = self._measure(z, fz, robust=False)
+        if update[-1][1] < len(update[0]) and len(update[0]):
+            update = self._measure(z, fz, robust=True)
+        res, diff, better, finite, active, diverged, counts = update
+        n_better, n_finite, n_active = counts
+        if self.divergence_limit is None:
+            self.divergence_limit = DIVERGENCE_FACTOR * diff
         batch = len(res)
-        n_better, n_finite, n_active = torch.stack([better, finite, self.active]).sum(dim=1).tolist()
+        counted = self.active & finite
+        self.nstep += self.active
+        self.status = torch.where(self.active & ~finite, 2, torch.where(diverged, 3, self.status))
+        self.active = active
+        self.latest_residual = torch.where(counted, res, self.latest_residual)
+        self.trace.append(self.latest_residual.max() if batch else res.new_zeros(()))
         self.best_residual = torch.where(better, res, self.best_residual)
         # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
         self.best_z = z if n_better == batch else torch.where(better[:, None], z, self.best_z)
         return _Progress(finite, n_finite == batch, n_active > 0, n_active == batch)
 
+    def _measure(self, z: Tensor, fz: Tensor, robust: bool) -> tuple:
+        res, diff, finite = _residuals(z, fz, self.stop_mode, robust)
+        limit = DIVERGENCE_FACTOR * diff if self.divergence_limit is None else self.divergence_limit
+        counted = self.active & finite  # samples whose evaluation this was, and usable
+        better = counted & (res < self.best_residual)
+        diverged = counted & (diff > limit)
+        active = counted & (res > self.tol) & ~diverged
+        # One host synchronisation for every flag the driver branches on.
+        counts = torch.stack([better, finite, active]).sum(dim=1).tolist()
+        return res, diff, better, finite, active, diverged, counts
+
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
         # A sample whose very first f(z0) was non-finite has no finite residual: report inf, return z0.
+        converged = self.best_residual <= self.tol  # exactly when some iterate met the tolerance
         return SolverResult(
             z=self.best_z.reshape(shape).to(dtype),
             nstep=self.nstep,
             residual=self.best_residual,
-            # The best residual is <= tol exactly when some iterate met the tolerance.
-            converged=self.best_residual <= self.tol,
+            converged=converged,
             trace=torch.stack(self.trace),
+            status=torch.where(converged, 0, self.status),
         )
 
 
@@ -232,7 +306,7 @@ def _iterate(
     tracker = _Tracker(z, tol, stop_mode)
     state = None
     for evaluation in range(max_iter):
-        fz = _evaluate(f, z, shape, dtype, first=evaluation == 0)
+        fz = _evaluate(f, z, shape, z0.dtype, dtype, first=evaluation == 0)
         # The solver's own arithmetic must not be autocast to bf16: histories and Gram matrices
         # would lose the precision the tolerance asks for.
         with torch.autocast(device_type, enabled=False):
@@ -248,8 +322,12 @@ def _iterate(
     return tracker.result(shape, dtype)
 
 
-def _evaluate(f: Callable[[Tensor], Tensor], z: Tensor, shape: torch.Size, dtype: torch.dtype, first: bool) -> Tensor:
-    fz = f(z.reshape(shape))
+def _evaluate(
+    f: Callable[[Tensor], Tensor], z: Tensor, shape: torch.Size, f_dtype: torch.dtype, dtype: torch.dtype, first: bool
+) -> Tensor:
+    # f sees iterates in the dtype it was given (z0's: a half module gets half inputs), while the
+    # driver keeps its own copy in the working dtype.
+    fz = f(z.reshape(shape).to(f_dtype))
     if not isinstance(fz, Tensor):
         raise TypeError(f"f must return a Tensor, got {type(fz).__name__}")
     if first and fz.shape != shape:
