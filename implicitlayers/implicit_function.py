@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from .solvers import SolverResult, get_solver, solve, validate_solve_args
 
-__all__ = ["ModuleFunction", "SolveConfig", "implicit_fixed_point", "is_transformed", "stop_gradient_fixed_point"]
+__all__ = [
+    "ModuleFunction",
+    "SolveConfig",
+    "implicit_fixed_point",
+    "is_transformed",
+    "jacobian_free_fixed_point",
+    "stop_gradient_fixed_point",
+]
 
 PureFunction = Callable[..., Tensor]
 
@@ -192,7 +199,7 @@ class _Problem:
         per_sample: tuple[bool, ...],
         forward: SolveConfig,
         adjoint: SolveConfig,
-        differentiable: bool,
+        derivative: str,
         on_forward: Callable[[SolverResult], None] | None,
         on_backward: Callable[[SolverResult], None] | None,
         record_graph: bool,
@@ -202,7 +209,7 @@ class _Problem:
         self.per_sample = per_sample
         self.forward = forward
         self.adjoint = adjoint
-        self.differentiable = differentiable
+        self.derivative = derivative  # "ift", "jfb" (z* held constant) or "none" (returns the iterate)
         self.on_forward = on_forward
         self.on_backward = on_backward
         self.record_graph = record_graph
@@ -483,7 +490,7 @@ class _FixedPoint(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         problem: _Problem = ctx.problem
         needed = ctx.needs_input_grad[2:]
-        if not problem.differentiable:
+        if problem.derivative == "none":
             return (None, None, *[None] * len(needed))
         z, *inputs = ctx.saved_tensors
         if not torch.is_grad_enabled() and not is_transformed(grad):
@@ -492,6 +499,8 @@ class _FixedPoint(torch.autograd.Function):
             graph, ctx.graph = ctx.graph, None
             graph = graph or _record_graph(problem, ctx.z_best, inputs)
             return (None, None, *_backward_through_graph(problem, graph, grad, needed))
+        if problem.derivative == "jfb":  # the derivative of f(z*, inputs) with z* a constant
+            return (None, None, *_vjp_inputs(problem.f, ctx.z_best, inputs, grad, needed))
         u = _AdjointSolve.apply(problem, z, grad, *inputs)
         return (None, None, *_vjp_inputs(problem.f, z, inputs, u, needed))
 
@@ -499,8 +508,10 @@ class _FixedPoint(torch.autograd.Function):
     def jvp(ctx, _problem, z0_tangent, *input_tangents):
         problem: _Problem = ctx.problem
         z, *inputs = ctx.saved_tensors
-        if not problem.differentiable:
+        if problem.derivative == "none":
             return torch.zeros_like(z)  # z here is the iterate, the output
+        if problem.derivative == "jfb":
+            return _jvp_inputs(problem.f, ctx.z_best, inputs, input_tangents)
         b = _jvp_inputs(problem.f, z, inputs, input_tangents)
         return _TangentSolve.apply(problem, z, b, *inputs)
 
@@ -620,7 +631,7 @@ def _forward_solve(
     if problem.on_forward is not None:
         problem.on_forward(result.detach())
     # A stop-gradient solve returns the iterate itself: the caller differentiates steps from it.
-    return fz.detach() if problem.differentiable else problem.z_best
+    return problem.z_best if problem.derivative == "none" else fz.detach()
 
 
 class _LastEvaluation:
@@ -688,7 +699,7 @@ def _record_graph(problem: _Problem, z: Tensor, inputs: Sequence[Tensor]):
 def _backward_through_graph(problem: _Problem, graph, grad: Tensor, needed: Sequence[bool]) -> list[Tensor | None]:
     """First-order IFT through the forward's recorded graph: adjoint solve, then one VJP."""
     z_leaf, leaves, fz = graph
-    u = _adjoint_from_graph(problem, z_leaf, fz, grad)
+    u = _adjoint_from_graph(problem, z_leaf, fz, grad) if problem.derivative == "ift" else grad
     wanted = [i for i, (leaf, need) in enumerate(zip(leaves, needed, strict=True)) if need and leaf.requires_grad]
     grads: list[Tensor | None] = [None] * len(needed)
     if wanted and fz.requires_grad:
@@ -755,10 +766,31 @@ def implicit_fixed_point(
         RuntimeError: If f reads a tensor that a torch.func transform is tracking without receiving
             it as an input.
     """
-    problem = _make_problem(f, z0, inputs, per_sample, forward, adjoint, True, on_forward, on_backward)
+    problem = _make_problem(f, z0, inputs, per_sample, forward, adjoint, "ift", on_forward, on_backward)
     out = _FixedPoint.apply(problem, z0, *inputs)
     if problem.captures:
         out = _captured_ift(problem, out, inputs)
+    return out
+
+
+def jacobian_free_fixed_point(
+    f: PureFunction,
+    z0: Tensor,
+    *inputs: Tensor,
+    per_sample: Sequence[bool] | None = None,
+    forward: SolveConfig | None = None,
+    on_forward: Callable[[SolverResult], None] | None = None,
+) -> Tensor:
+    """f(z*) for z = f(z, *inputs), differentiated as f(z*, inputs) with z* held constant (JFB).
+
+    Jacobian-free backpropagation (Fung et al., 2022): the first term of the IFT's Neumann series,
+    in every order and transform (forward mode gives (∂f/∂inputs) · tangents). On the plain
+    first-order path the forward's last evaluation of f serves the backward, as for the IFT.
+    """
+    problem = _make_problem(f, z0, inputs, per_sample, forward, None, "jfb", on_forward, None)
+    out = _FixedPoint.apply(problem, z0, *inputs)
+    if problem.captures:  # captured tensors need f's own graph: differentiate one evaluation of f
+        out = _bind(f, inputs, lambda bound: bound(problem.z_best))
     return out
 
 
@@ -775,11 +807,11 @@ def stop_gradient_fixed_point(
     For gradients that differentiate explicit steps from z* (phantom, Jacobian-free): under
     ``vmap`` the solve is folded into the batch like :func:`implicit_fixed_point`'s.
     """
-    problem = _make_problem(f, z0, inputs, per_sample, forward, None, False, on_forward, None)
+    problem = _make_problem(f, z0, inputs, per_sample, forward, None, "none", on_forward, None)
     return _FixedPoint.apply(problem, z0, *inputs)
 
 
-def _make_problem(f, z0, inputs, per_sample, forward, adjoint, differentiable, on_forward, on_backward) -> _Problem:
+def _make_problem(f, z0, inputs, per_sample, forward, adjoint, derivative, on_forward, on_backward) -> _Problem:
     forward = forward or SolveConfig()
     per_sample = tuple(per_sample) if per_sample is not None else (False,) * len(inputs)
     if len(per_sample) != len(inputs):
@@ -791,11 +823,11 @@ def _make_problem(f, z0, inputs, per_sample, forward, adjoint, differentiable, o
         per_sample,
         forward,
         adjoint or forward,
-        differentiable,
+        derivative,
         on_forward,
         on_backward,
-        record_graph=differentiable and grad_mode and not transformed and any(i.requires_grad for i in inputs),
-        detect_captures=differentiable and grad_mode and not transformed,
+        record_graph=derivative != "none" and grad_mode and not transformed and any(i.requires_grad for i in inputs),
+        detect_captures=derivative != "none" and grad_mode and not transformed,
     )
 
 

@@ -26,7 +26,7 @@ def test_every_solver_reaches_tolerance_and_reports_its_residual(problem, solver
     assert bool(result.converged.all())
     recomputed = il.residual(result.z, problem(result.z), stop_mode)
     assert torch.all(result.residual <= tol)
-    torch.testing.assert_close(result.residual, recomputed, rtol=1e-3, atol=tol * 1e-3)
+    torch.testing.assert_close(result.residual, recomputed.to(result.residual.dtype), rtol=1e-3, atol=tol * 1e-3)
     assert result.z.dtype == problem.drive.dtype
     assert result.nstep.dtype == torch.long and result.nstep.shape == (problem.drive.shape[0],)
     assert len(result.trace) == int(result.nstep.max())

@@ -172,9 +172,10 @@ class IMlp(nn.Module):
         x = self.fc1(x)
         if self.reference_iterations is None:
             # A bf16 evaluation of F is only good to ~4e-3 relative, above the default tol 1e-3, so
-            # under AMP a solve to a tolerance would never converge: it runs in float32.
+            # under AMP a solve to a tolerance would never converge: it runs in the precision of the
+            # implicit layer's own weights (float32 under AMP; float64 or bf16 for such a model).
             with torch.autocast(x.device.type, enabled=False):
-                x = self.implicit(x.float())
+                x = self.implicit(x.to(next(self.implicit.parameters()).dtype))
         elif self.reference_iterations > 0:
             x = self.implicit(x)  # the reference loop, in whatever precision the reference ran it
         x = self.drop1(self.act(x))

@@ -14,6 +14,7 @@ from ..implicit_function import (
     ModuleFunction,
     SolveConfig,
     implicit_fixed_point,
+    jacobian_free_fixed_point,
     stop_gradient_fixed_point,
 )
 from ..solvers import SolverResult, get_solver, validate_solve_args
@@ -120,9 +121,11 @@ class FixedPointModule(nn.Module):
                 on_forward=self._record_forward,
                 on_backward=self._record_backward,
             )
+        elif self.backward == "jfb" or (self.phantom_steps == 1 and self.phantom_damping == 1.0):
+            z = jacobian_free_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
         else:
             z_star = stop_gradient_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
-            steps, damping = (1, 1.0) if self.backward == "jfb" else (self.phantom_steps, self.phantom_damping)
+            steps, damping = self.phantom_steps, self.phantom_damping
             z = function.bind((x, *tensors), lambda bound: phantom_steps(bound, z_star, steps=steps, damping=damping))
         return z.to(z0.dtype)
 

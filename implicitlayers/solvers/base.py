@@ -130,24 +130,25 @@ def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
     work = torch.promote_types(z.dtype, torch.float32)
     z2 = z.reshape(z.shape[0], math.prod(z.shape[1:])).to(work)
     f2 = fz.reshape(fz.shape[0], math.prod(fz.shape[1:])).to(work)
-    return _residuals(z2, f2, stop_mode, robust=True)[0]
+    return _residuals(z2, f2, stop_mode, robust=True)[0].double()
 
 
 def row_norms(x: Tensor, robust: bool = True) -> Tensor:
-    """2-norms of the rows of ``x`` (B, D), float64.
+    """2-norms of the rows of ``x`` (B, D).
 
     With ``robust`` the rows are scaled by their largest magnitude first, so that squaring cannot
-    overflow (float32 near 1e19, float64 near 1e154) nor underflow; otherwise one plain pass.
+    overflow (float32 near 1e19, float64 near 1e154) nor underflow, and the result is float64;
+    otherwise one plain pass in x's dtype.
     """
     if not robust or x.shape[0] == 0:
-        return torch.linalg.vector_norm(x, dim=1).double()
+        return torch.linalg.vector_norm(x, dim=1)
     scale = x.abs().amax(dim=1, keepdim=True)
     scaled = x / scale.clamp_min(torch.finfo(x.dtype).tiny)
     return torch.linalg.vector_norm(scaled.double(), dim=1) * scale[:, 0].double()
 
 
 def _residuals(z: Tensor, fz: Tensor, stop_mode: str, robust: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(residual, ||f(z) - z||, usable)`` per row of flat ``(B, D)`` tensors, float64.
+    """``(residual, ||f(z) - z||, usable)`` per row of flat ``(B, D)`` tensors (see :func:`row_norms`).
 
     ``usable`` is False where a norm is inf or NaN: a relative residual with an overflowed ||f(z)||
     would read 0, and an overflow must never pass for convergence.
@@ -156,7 +157,7 @@ def _residuals(z: Tensor, fz: Tensor, stop_mode: str, robust: bool) -> tuple[Ten
     if stop_mode == "abs":
         return diff, diff, diff < math.inf
     image = row_norms(fz, robust)
-    return diff / (image + RESIDUAL_EPS), diff, (diff < math.inf) & (image < math.inf)
+    return diff / (image + RESIDUAL_EPS), diff, (diff + image) < math.inf
 
 
 def validate_solve_args(max_iter: int, tol: float, stop_mode: str) -> None:
@@ -182,6 +183,20 @@ class _Progress(NamedTuple):
     all_active: bool
 
 
+class _Step(NamedTuple):
+    """One evaluation's measurements, before they are recorded."""
+
+    res: Tensor
+    diff: Tensor  # ||f(z) - z||
+    finite: Tensor
+    counted: Tensor
+    better: Tensor
+    active: Tensor
+    diverged: Tensor | None  # measured only with care
+    counts: list[int]  # samples better, finite, still active
+    needs_care: bool
+
+
 class _Tracker:
     """Per-sample bookkeeping: residuals, best iterate, the freeze mask, stop reasons and the trace."""
 
@@ -190,10 +205,12 @@ class _Tracker:
         self.tol = tol
         self.stop_mode = stop_mode
         self.best_z = z0  # the driver's own copy: iterates may alias it, never the caller's z0
-        self.best_residual = torch.full((batch,), math.inf, dtype=torch.float64, device=z0.device)
+        # Residuals are kept in the working dtype (one dtype for every op of the usual step); an
+        # overflow-safe measurement larger than its largest finite value saturates there.
+        self.best_residual = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
         self.nstep = torch.zeros(batch, dtype=torch.long, device=z0.device)
         self.active = torch.ones(batch, dtype=torch.bool, device=z0.device)
-        self.latest_residual = torch.full((batch,), math.inf, dtype=torch.float64, device=z0.device)
+        self.latest_residual = torch.full((batch,), math.inf, dtype=z0.dtype, device=z0.device)
         self.divergence_limit: Tensor | None = None  # DIVERGENCE_FACTOR · ||f(z0) - z0|| per sample
         self.status = torch.ones(batch, dtype=torch.long, device=z0.device)  # max_iter until shown otherwise
         self.trace: list[Tensor] = []
@@ -201,37 +218,48 @@ class _Tracker:
     def update(self, z: Tensor, fz: Tensor) -> _Progress:
         """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags."""
         # As few tensor ops as possible: on small problems each op's dispatch costs more than its
-        # arithmetic, and on a GPU each is a kernel launch. So norms take one plain pass, and the
-        # overflow-safe pass runs only when a plain norm came out inf or NaN.
-        update = self._measure(z, fz, robust=False)
-        if update[-1][1] < len(update[0]) and len(update[0]):
-            update = self._measure(z, fz, robust=True)
-        res, diff, better, finite, active, diverged, counts = update
-        n_better, n_finite, n_active = counts
+        # arithmetic, and on a GPU each is a kernel launch. So the usual step measures norms in one
+        # plain pass; only when a norm overflowed (or f returned inf/NaN) or a residual grew past the
+        # divergence limit is the step measured again, overflow-safe, with stop reasons.
+        step = self._measure(z, fz, careful=False)
+        if step.needs_care:
+            step = self._measure(z, fz, careful=True)
+        n_better, n_finite, n_active = step.counts
+        batch = len(step.res)
         if self.divergence_limit is None:
-            self.divergence_limit = DIVERGENCE_FACTOR * diff
-        batch = len(res)
-        counted = self.active & finite
+            self.divergence_limit = DIVERGENCE_FACTOR * step.diff
+        if step.diverged is not None:
+            failed = torch.where(step.diverged, 3, self.status)
+            self.status = torch.where(self.active & ~step.finite, 2, failed)
         self.nstep += self.active
-        self.status = torch.where(self.active & ~finite, 2, torch.where(diverged, 3, self.status))
-        self.active = active
-        self.latest_residual = torch.where(counted, res, self.latest_residual)
-        self.trace.append(self.latest_residual.max() if batch else res.new_zeros(()))
-        self.best_residual = torch.where(better, res, self.best_residual)
+        self.active = step.active
+        self.latest_residual = torch.where(step.counted, step.res, self.latest_residual)
+        self.trace.append(self.latest_residual.max() if batch else self.latest_residual.new_zeros(()))
+        self.best_residual = torch.where(step.better, step.res, self.best_residual)
         # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
-        self.best_z = z if n_better == batch else torch.where(better[:, None], z, self.best_z)
-        return _Progress(finite, n_finite == batch, n_active > 0, n_active == batch)
+        self.best_z = z if n_better == batch else torch.where(step.better[:, None], z, self.best_z)
+        return _Progress(step.finite, n_finite == batch, n_active > 0, n_active == batch)
 
-    def _measure(self, z: Tensor, fz: Tensor, robust: bool) -> tuple:
-        res, diff, finite = _residuals(z, fz, self.stop_mode, robust)
-        limit = DIVERGENCE_FACTOR * diff if self.divergence_limit is None else self.divergence_limit
+    def _measure(self, z: Tensor, fz: Tensor, careful: bool) -> _Step:
+        res, diff, finite = _residuals(z, fz, self.stop_mode, robust=careful)
+        if careful:
+            largest = torch.finfo(z.dtype).max
+            res, diff = res.clamp(max=largest).to(z.dtype), diff.clamp(max=largest).to(z.dtype)
         counted = self.active & finite  # samples whose evaluation this was, and usable
         better = counted & (res < self.best_residual)
-        diverged = counted & (diff > limit)
-        active = counted & (res > self.tol) & ~diverged
+        active = counted & (res > self.tol)
+        flags = [better, finite, active]
+        diverged = None
+        if careful and self.divergence_limit is not None:
+            diverged = counted & (diff > self.divergence_limit)
+            active = active & ~diverged
+            flags[2] = active
+        elif self.divergence_limit is not None:
+            flags.append(diff > self.divergence_limit)  # any sample past the limit: measure with care
         # One host synchronisation for every flag the driver branches on.
-        counts = torch.stack([better, finite, active]).sum(dim=1).tolist()
-        return res, diff, better, finite, active, diverged, counts
+        counts = torch.stack(flags).sum(dim=1).tolist()
+        needs_care = not careful and (counts[1] < len(res) or (len(counts) > 3 and counts[3] > 0))
+        return _Step(res, diff, finite, counted, better, active, diverged, counts[:3], needs_care)
 
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
         # A sample whose very first f(z0) was non-finite has no finite residual: report inf, return z0.
