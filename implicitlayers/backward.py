@@ -106,7 +106,7 @@ def unrolled_picard(
             # As in the solvers' driver: a non-finite f(z) or z makes the residual inf or NaN.
             finite = res < math.inf
             step = active & finite
-            nstep += active.long()
+            nstep = nstep + active.long()  # out of place: under vmap, active may be batched
             last_residual = torch.where(step, res, last_residual)
             trace.append(last_residual.max() if batch else res.new_zeros(()))
         z = torch.where(step.view(-1, *([1] * (z.dim() - 1))), fz.to(z.dtype), z)

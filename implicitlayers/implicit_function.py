@@ -357,8 +357,8 @@ def _adjoint_solution(problem: _Problem, z: Tensor, g: Tensor, inputs: Sequence[
 
 
 def _adjoint_from_graph(problem: _Problem, z_leaf: Tensor, fz: Tensor, g: Tensor) -> Tensor:
-    if not fz.requires_grad:  # f does not depend on z: J = 0
-        return g
+    if not fz.requires_grad:  # f does not depend on z: J = 0 (a copy: a Function may not return its input)
+        return g.clone()
 
     def transposed(u: Tensor) -> Tensor:
         (vjp,) = torch.autograd.grad(fz, z_leaf, u.to(fz.dtype), retain_graph=True, allow_unused=True)
@@ -375,11 +375,11 @@ def _tangent_solution(problem: _Problem, z: Tensor, b: Tensor, inputs: Sequence[
             z_leaf = z.detach().requires_grad_()
             fz = f(z_leaf)
             if not fz.requires_grad:  # f does not depend on z: J = 0
-                return b
+                return b.clone()
             w = torch.zeros_like(fz, requires_grad=True)
             (transposed,) = torch.autograd.grad(fz, z_leaf, w, create_graph=True, allow_unused=True)
         if transposed is None or not transposed.requires_grad:  # J is constant zero
-            return b
+            return b.clone()
 
         def product(t: Tensor) -> Tensor:
             (jt,) = torch.autograd.grad(transposed, w, t.to(transposed.dtype), retain_graph=True, allow_unused=True)
@@ -500,7 +500,7 @@ class _FixedPoint(torch.autograd.Function):
             graph = graph or _record_graph(problem, ctx.z_best, inputs)
             return (None, None, *_backward_through_graph(problem, graph, grad, needed))
         if problem.derivative == "jfb":  # the derivative of f(z*, inputs) with z* a constant
-            return (None, None, *_vjp_inputs(problem.f, ctx.z_best, inputs, grad, needed))
+            return (None, None, *_vjp_inputs(problem.f, z.detach(), inputs, grad, needed))
         u = _AdjointSolve.apply(problem, z, grad, *inputs)
         return (None, None, *_vjp_inputs(problem.f, z, inputs, u, needed))
 
@@ -511,7 +511,7 @@ class _FixedPoint(torch.autograd.Function):
         if problem.derivative == "none":
             return torch.zeros_like(z)  # z here is the iterate, the output
         if problem.derivative == "jfb":
-            return _jvp_inputs(problem.f, ctx.z_best, inputs, input_tangents)
+            return _jvp_inputs(problem.f, z.detach(), inputs, input_tangents)
         b = _jvp_inputs(problem.f, z, inputs, input_tangents)
         return _TangentSolve.apply(problem, z, b, *inputs)
 
@@ -676,12 +676,15 @@ class _LastEvaluation:
 
 def _checked(fz: Tensor) -> Tensor:
     if is_transformed(fz):
-        raise RuntimeError(
-            "f captures a tensor that a torch.func transform is differentiating or batching; pass every "
-            "tensor f uses as an explicit input (a module's parameters and buffers, and x, are passed "
-            "for you: store other tensors as parameters or buffers, or feed them through x)"
-        )
+        raise RuntimeError(_TRANSFORM_CAPTURE_MESSAGE)
     return fz
+
+
+_TRANSFORM_CAPTURE_MESSAGE = (
+    "f captures a tensor that a torch.func transform (or forward-mode AD) is differentiating or batching; "
+    "pass every tensor f uses as an explicit input (a layer passes its module's parameters and buffers, and x, "
+    "for you: store other tensors as parameters or buffers, or feed them through x)"
+)
 
 
 def _record_graph(problem: _Problem, z: Tensor, inputs: Sequence[Tensor]):
@@ -767,6 +770,7 @@ def implicit_fixed_point(
             it as an input.
     """
     problem = _make_problem(f, z0, inputs, per_sample, forward, adjoint, "ift", on_forward, on_backward)
+    _check_captures(problem, z0, inputs)
     out = _FixedPoint.apply(problem, z0, *inputs)
     if problem.captures:
         out = _captured_ift(problem, out, inputs)
@@ -788,6 +792,7 @@ def jacobian_free_fixed_point(
     first-order path the forward's last evaluation of f serves the backward, as for the IFT.
     """
     problem = _make_problem(f, z0, inputs, per_sample, forward, None, "jfb", on_forward, None)
+    _check_captures(problem, z0, inputs)
     out = _FixedPoint.apply(problem, z0, *inputs)
     if problem.captures:  # captured tensors need f's own graph: differentiate one evaluation of f
         out = _bind(f, inputs, lambda bound: bound(problem.z_best))
@@ -829,6 +834,29 @@ def _make_problem(f, z0, inputs, per_sample, forward, adjoint, derivative, on_fo
         record_graph=derivative != "none" and grad_mode and not transformed and any(i.requires_grad for i in inputs),
         detect_captures=derivative != "none" and grad_mode and not transformed,
     )
+
+
+def _check_captures(problem: _Problem, z0: Tensor, inputs: Sequence[Tensor]) -> None:
+    """Under a torch.func transform or forward-mode AD, raises if f reads a tracked tensor it is not given.
+
+    The solve runs inside an autograd.Function, where such a tensor acts as a constant: its
+    derivative would be dropped without a word. One evaluation of f on detached inputs tells. (On the
+    plain reverse-mode path the forward's first evaluation tells instead, and the IFT serves it.)
+    """
+    from torch.autograd import forward_ad
+
+    functorch = torch._C._functorch.maybe_current_level() is not None
+    if not functorch and forward_ad._current_level < 0:
+        return
+    z, detached = z0.detach(), [i.detach() for i in inputs]
+    probe = _bind(problem.f, detached, lambda bound: bound(z))
+    has_tangent = forward_ad.unpack_dual(probe).tangent is not None
+    if functorch and (
+        probe.requires_grad or has_tangent or (is_transformed(probe) and not is_transformed(z, *detached))
+    ):
+        raise RuntimeError(_TRANSFORM_CAPTURE_MESSAGE)
+    if has_tangent:
+        raise RuntimeError(_CAPTURE_MESSAGE.format(what="forward-mode derivatives"))
 
 
 def _captured_ift(problem: _Problem, out: Tensor, inputs: Sequence[Tensor]) -> Tensor:

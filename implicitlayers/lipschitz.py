@@ -190,8 +190,8 @@ def lipschitz_bound(module: nn.Module | Callable) -> float:
             return normalised.coeff
         with torch.no_grad():
             return float(torch.linalg.matrix_norm(module.weight.float(), ord=2))
-    if isinstance(module, nn.ELU):
-        return max(1.0, float(module.alpha))
+    if isinstance(module, nn.ELU):  # slope 1 above 0, α·eˣ below: |α| at most, whatever α's sign
+        return max(1.0, abs(float(module.alpha)))
     if isinstance(module, nn.GELU) and module.approximate == "tanh":
         return _GELU_TANH_LIPSCHITZ
     if isinstance(module, nn.LeakyReLU):

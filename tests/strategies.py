@@ -52,3 +52,8 @@ def contractive_maps(draw, max_dim: int = 24, max_batch: int = 33, rate=(0.2, 0.
 @st.composite
 def seeds(draw):
     return draw(st.integers(0, 2**31 - 1))
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| (b = 0 compares absolutely)."""
+    return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import implicitlayers as il
-from tests.strategies import UNIT_ACTIVATIONS
+from tests.strategies import UNIT_ACTIVATIONS, relative_error
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
 
@@ -54,10 +54,6 @@ def gradients(cell, x, cotangent, **layer_kwargs):
     z = layer(x)
     grads = torch.autograd.grad((z * cotangent).sum(), [x, *cell.parameters()])
     return torch.cat([g.flatten() for g in grads]), layer
-
-
-def relative_error(a, b):
-    return float(((a - b).norm() / b.norm().clamp_min(1e-300)).detach())
 
 
 @given(problem=problems(), solver=st.sampled_from(["picard", "anderson", "broyden"]))
@@ -206,3 +202,129 @@ def test_output_is_the_image_of_the_solvers_iterate(backward):
         out_residual = il.residual(out, cell(out, x))
     assert torch.equal(out.detach(), image)
     assert bool((out_residual <= layer.stats.residual + 1e-7).all())
+
+
+# --------------------------------------------------------------------------- under every transform
+
+
+def _layer(cell, mode):
+    options = {"tol": 0.0, "max_iter": 300} if mode == "unrolled" else {"tol": 1e-12, "max_iter": 300}
+    if mode == "phantom":
+        options.update(phantom_steps=6, phantom_damping=0.8)
+    return il.ImplicitLayer(cell, backward=mode, **options).eval()
+
+
+def _call(layer):
+    """x ↦ layer(x) with the parameters passed explicitly, as torch.func users write it."""
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    return lambda x, p=params: torch.func.functional_call(layer, p, (x,))
+
+
+@pytest.mark.parametrize("mode", ["ift", "phantom", "jfb", "unrolled"])
+def test_every_transform_gives_the_modes_own_derivative(mode):
+    # Each mode's derivative is defined by plain autograd; every transform must reproduce it.
+    torch.manual_seed(5)
+    cell = Cell(4, "tanh", 0.6).double()
+    layer = _layer(cell, mode)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    out = layer(xr)
+    plain = torch.stack([torch.autograd.grad(out.flatten()[i], xr, retain_graph=True)[0] for i in range(out.numel())])
+    plain = plain.reshape(*out.shape, *x.shape)
+    f = _call(layer)
+    assert relative_error(torch.func.jacrev(f)(x), plain) <= 1e-9
+    assert relative_error(torch.func.jacfwd(f)(x), plain) <= 1e-9
+    v = torch.randn_like(x)
+    assert relative_error(torch.func.jvp(f, (x,), (v,))[1], torch.einsum("bixj,xj->bi", plain, v)) <= 1e-9
+    with torch.autograd.forward_ad.dual_level():
+        dual = layer(torch.autograd.forward_ad.make_dual(x, v))
+        tangent = torch.autograd.forward_ad.unpack_dual(dual).tangent
+    assert relative_error(tangent, torch.einsum("bixj,xj->bi", plain, v)) <= 1e-9
+    mapped = torch.func.vmap(f)(x[:, None])[:, 0]
+    assert relative_error(mapped, out.detach()) <= 1e-12
+    if mode in ("ift", "unrolled"):  # the exact derivative: both agree with the closed form
+        z = layer.stats.z if mode == "ift" else out.detach()
+        df_dz, df_dx = torch.func.jacrev(lambda zi, xi: cell(zi[None], xi[None])[0], argnums=(0, 1))(z[0], x[0])
+        expected = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - df_dz, df_dx)
+        assert relative_error(plain[0, :, 0], expected) <= 1e-8
+
+
+@pytest.mark.parametrize("mode", ["ift", "phantom", "jfb", "unrolled"])
+def test_per_sample_parameter_gradients_by_vmap(mode):
+    torch.manual_seed(6)
+    cell = Cell(4, "tanh", 0.6).double()
+    layer = _layer(cell, mode)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        layer.zero_grad()
+        layer(x[i : i + 1]).square().sum().backward()
+        for name, p in layer.named_parameters():
+            assert relative_error(per_sample[name][i], p.grad) <= 1e-9
+
+
+@given(problem=problems(max_dim=4, max_batch=3))
+def test_gradient_penalty_through_a_layer_matches_the_unrolled_loop(problem):
+    cell, x, cotangent = problem
+
+    def penalty(mode):
+        layer = _layer(cell, mode)
+        xr = x.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad((layer(xr) * cotangent).sum(), xr, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), [xr, *cell.parameters()])
+
+    ours = torch.cat([g.flatten() for g in penalty("ift")])
+    reference = torch.cat([g.flatten() for g in penalty("unrolled")])
+    # atol: where a relu cell is dead, the loop leaves terms of 0.8^300 that the IFT rightly calls 0.
+    torch.testing.assert_close(ours, reference, rtol=1e-7, atol=1e-10)
+
+
+def test_gradcheck_and_gradgradcheck_of_a_layer_with_default_settings():
+    torch.manual_seed(7)
+    layer = _layer(Cell(3, "tanh", 0.5).double(), "ift")
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert torch.autograd.gradgradcheck(layer, (x,))
+
+
+def test_a_tensor_captured_by_the_cell_gets_its_gradient():
+    # A conditioning vector from a hypernetwork: neither x nor the cell's parameters need grad.
+    torch.manual_seed(8)
+    cell = Cell(4, "tanh", 0.6).double().requires_grad_(False)
+    hyper = nn.Linear(2, 4).double()
+    h = torch.randn(1, 2, dtype=torch.float64)
+
+    class Conditioned(nn.Module):
+        def forward(self, z, x):
+            return cell(z, x) + 0.3 * torch.tanh(self.condition)
+
+    conditioned = Conditioned()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    grads = {}
+    for mode in ("ift", "unrolled"):
+        conditioned.condition = hyper(h)
+        out = _layer(conditioned, mode)(x)
+        grads[mode] = torch.autograd.grad(out.sin().sum(), list(hyper.parameters()))
+    for ours, reference in zip(grads["ift"], grads["unrolled"], strict=True):
+        assert relative_error(ours, reference) <= 1e-8
+
+
+def test_unrolled_with_a_tolerance_under_vmap_raises():
+    layer = il.ImplicitLayer(Cell(3, "tanh", 0.5), backward="unrolled", tol=1e-4)
+    with pytest.raises(RuntimeError, match="tol=0"):
+        torch.func.vmap(_call(layer))(torch.randn(2, 1, 3))
+
+
+def test_a_diverging_layer_raises_when_asked():
+    class Doubling(nn.Module):
+        def forward(self, z, x):
+            return 2 * z + x
+
+    layer = il.ImplicitLayer(Doubling(), solver="picard", max_iter=200, on_nonconvergence="raise")
+    with pytest.raises(il.ConvergenceError, match="diverged"):
+        layer(torch.ones(2, 3))

@@ -267,3 +267,21 @@ def test_bad_layer_arguments_raise_value_errors(kwargs, message):
 def test_implicit_layer_requires_a_module():
     with pytest.raises(ValueError, match=r"f must be an nn\.Module"):
         il.ImplicitLayer(lambda z, x: z)
+
+
+@pytest.mark.parametrize(("dtype", "accuracy"), [(torch.float16, 1e-2), (torch.bfloat16, 5e-2), (torch.float64, 1e-9)])
+def test_layers_run_and_return_in_the_modules_dtype(dtype, accuracy):
+    # The solver iterates in float32 at least and calls f in the module's dtype.
+    torch.manual_seed(8)
+    tol = 1e-10 if dtype == torch.float64 else 1e-2
+    layer = il.ImplicitMLP(8, 16, activation="tanh", coeff=0.8, tol=tol, max_iter=100).to(dtype)
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    z = layer(x)
+    assert z.dtype == dtype and layer.stats.z.dtype == torch.promote_types(dtype, torch.float32)
+    assert bool(layer.stats.converged.all())
+    z.float().square().sum().backward()
+    assert x.grad.dtype == dtype and bool(torch.isfinite(x.grad).all())
+    assert relative_error(layer.inverse(z).double(), x.double()) <= accuracy
+    g = nn.Sequential(il.spectral_norm(nn.Linear(8, 8), 0.7), nn.Tanh())
+    block = il.InvertibleResidual(g, tol=tol, max_iter=100).to(dtype)
+    assert block.inverse(block(x)).dtype == dtype

@@ -130,7 +130,9 @@ def test_bounds_of_known_modules():
 
 def test_activation_constants_bound_the_true_derivatives():
     x = torch.linspace(-8, 8, 200001, dtype=torch.float64, requires_grad=True)
-    for module in (nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh(), nn.ELU(), nn.Sigmoid()):
+    elus = [nn.ELU(alpha=alpha) for alpha in (-2.0, -0.5, 0.5, 1.0, 3.0)]  # α < 0 has slope |α| near 0
+    leaky = [nn.LeakyReLU(slope) for slope in (-3.0, 0.1, 2.0)]
+    for module in (nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh(), nn.Sigmoid(), *elus, *leaky):
         (slope,) = torch.autograd.grad(module(x).sum(), x)
         true = float(slope.abs().max())
         assert true <= il.lipschitz_bound(module) <= true + 1e-4

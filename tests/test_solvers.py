@@ -272,3 +272,47 @@ def test_the_returned_iterate_never_aliases_the_callers_tensor():
     assert bool(result.converged.all()) and result.nstep.tolist() == [1, 1, 1]
     z0.add_(1.0)
     assert torch.equal(result.z, torch.zeros(3, 4))
+
+
+def test_a_diverging_iteration_is_reported_as_diverged_not_converged():
+    # ||f(z)|| overflows one step before ||f(z) - z|| does: an unscaled relative residual read 0 here.
+    result = il.solve(lambda z: 2 * z + 1, torch.zeros(2, 3), solver="picard", max_iter=200)
+    assert result.converged.tolist() == [False, False]
+    assert result.status.tolist() == [3, 3] and result.reasons() == {"diverged": 2}
+    assert bool((result.residual > 0.1).all()) and bool(torch.isfinite(result.z).all())
+    assert int(result.nstep.max()) < 40  # stopped by the growth test, long before max_iter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_overflow_is_non_finite_never_converged(dtype):
+    big = 1e30 if dtype == torch.float32 else 1e300
+    result = il.solve(lambda z: big * (z + 1), torch.zeros(3, 4, dtype=dtype), solver="picard", max_iter=50)
+    assert not bool(result.converged.any())
+    assert set(result.status.tolist()) <= {2, 3}  # stopped as inf/NaN or as growing without bound
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_huge_but_finite_iterates_converge(solver):
+    # float32 norms of 1e20-sized rows overflow when squared; the residual must not. (Broyden's own
+    # secant products overflow at that scale in float32, and it then reports its samples non-finite.)
+    drive = torch.full((3, 8), 1e20)
+    result = il.solve(lambda z: 0.5 * z + drive, torch.zeros_like(drive), solver=solver, tol=1e-5, max_iter=100)
+    assert bool(result.converged.all()) and result.reasons() == {"converged": 3}
+    torch.testing.assert_close(result.z, 2 * drive, rtol=1e-4, atol=0)
+
+
+def test_residual_is_overflow_safe():
+    z = torch.zeros(2, 4)
+    fz = torch.full((2, 4), 3e19)
+    torch.testing.assert_close(
+        il.residual(z, fz, "abs"), torch.full((2,), 6e19, dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(il.residual(z, fz, "rel"), torch.ones(2, dtype=torch.float64))
+    assert not bool((il.residual(z, torch.full((2, 4), math.inf), "rel") <= 1).any())
+
+
+def test_a_map_without_fixed_point_does_not_converge_in_abs_mode():
+    # In "rel" mode z + 1 eventually passes (the step is small relative to |z|: documented);
+    # "abs" measures the step itself.
+    result = il.solve(lambda z: z + 1, torch.zeros(2, 3), solver="anderson", stop_mode="abs", max_iter=100)
+    assert not bool(result.converged.any()) and result.reasons() == {"max_iter": 2}

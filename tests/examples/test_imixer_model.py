@@ -240,3 +240,17 @@ def test_convert_script_writes_loadable_safetensors(tmp_path, capsys) -> None:
         torch.testing.assert_close(net(images), reference_forward(sd, images, 2, 2, 2), atol=1e-5, rtol=1e-5)
     (tmp_path / "bad.pth").write_bytes(b"junk")
     assert convert.main([str(tmp_path / "bad.pth"), str(target)]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_solved_imixer_runs_in_the_models_dtype(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    net = timm.create_model("imixer_t2_8", num_classes=10, tol=1e-2, **TINY).to(dtype).eval()
+    images = torch.randn(2, 1, 8, 8, dtype=dtype)  # imixer_t2_8: 8 px grayscale digits
+    logits = net(images)
+    assert logits.dtype == dtype and bool(torch.isfinite(logits).all())
+    stats = net.blocks[0].mlp_tokens.implicit.stats
+    assert stats.z.dtype == torch.promote_types(dtype, torch.float32)  # the solver iterates in float32 at least
+    if dtype == torch.float64:  # the same network in float32 gives the same logits, to float32 accuracy
+        reference = net.float()(images.float())
+        torch.testing.assert_close(logits.float(), reference, rtol=1e-3, atol=1e-3)
