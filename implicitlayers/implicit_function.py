@@ -423,6 +423,9 @@ def _fold(a: Tensor, dim: int | None, size: int) -> Tensor:
     return a.reshape(size * a.shape[1], *a.shape[2:])
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda tensor: False)
+
+
 def _unbatch_legacy(backward: Callable[..., tuple]) -> Callable[..., tuple]:
     """Lets ``backward`` run under ``torch.autograd.grad(..., is_grads_batched=True)``.
 
@@ -434,7 +437,7 @@ def _unbatch_legacy(backward: Callable[..., tuple]) -> Callable[..., tuple]:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads: Tensor) -> tuple:
-        legacy = [isinstance(g, Tensor) and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads]
+        legacy = [isinstance(g, Tensor) and _is_legacy_batched(g) for g in grads]
         if not any(legacy):
             return backward(ctx, *grads)
         level = torch._C._vmapmode_increment_nesting() - 1  # the level of the vmap we are inside

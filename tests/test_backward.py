@@ -180,8 +180,8 @@ def test_ift_keeps_one_graph_of_f_and_spends_no_extra_evaluation():
 
 def test_backward_non_convergence_follows_the_policy():
     torch.manual_seed(3)
-    cell = Cell(6, "tanh", 0.8)
-    x = torch.randn(4, 6, requires_grad=True)
+    cell = Cell(6, "tanh", 0.8).double()  # float64: the forward must surely reach 1e-6
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     layer = il.ImplicitLayer(cell, tol=1e-6, max_iter=100, backward_max_iter=2, on_nonconvergence="raise")
     z = layer(x)
     with pytest.raises(il.ConvergenceError, match="backward solve did not converge"):
@@ -242,6 +242,9 @@ def test_every_transform_gives_the_modes_own_derivative(mode):
     assert relative_error(tangent, torch.einsum("bixj,xj->bi", plain, v)) <= 1e-9
     mapped = torch.func.vmap(f)(x[:, None])[:, 0]
     assert relative_error(mapped, out.detach()) <= 1e-12
+    basis = torch.eye(out.numel(), dtype=out.dtype).reshape(-1, *out.shape)
+    (batched,) = torch.autograd.grad(layer(xr), xr, basis, is_grads_batched=True)
+    assert relative_error(batched.reshape(plain.shape), plain) <= 1e-9
     if mode in ("ift", "unrolled"):  # the exact derivative: both agree with the closed form
         z = layer.stats.z if mode == "ift" else out.detach()
         df_dz, df_dx = torch.func.jacrev(lambda zi, xi: cell(zi[None], xi[None])[0], argnums=(0, 1))(z[0], x[0])

@@ -95,13 +95,13 @@ def test_invertible_residual_inverse_is_differentiable():
 
 def test_implicit_mlp_accepts_any_leading_shape_and_rows_are_independent():
     torch.manual_seed(1)
-    layer = quiet(il.ImplicitMLP, 8, 16, tol=1e-6)
-    x = torch.randn(2, 3, 5, 8)
+    layer = quiet(il.ImplicitMLP, 8, 16, tol=1e-6).double()  # float64: 1e-6 is near float32 rounding
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     z = layer(x)
     assert z.shape == x.shape
     torch.testing.assert_close(layer(x[1, 2]), z[1, 2])
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
-        layer(torch.randn(3, 7))
+        layer(torch.randn(3, 7, dtype=torch.float64))
 
 
 def test_default_implicit_mlp_converges_and_trains():
@@ -123,12 +123,12 @@ def test_default_implicit_mlp_converges_and_trains():
 
 def test_power_iteration_advances_once_per_training_forward_not_per_solver_step():
     torch.manual_seed(3)
-    layer = quiet(il.ImplicitMLP, 6, 12, tol=1e-8, n_power_iterations=2)
+    layer = quiet(il.ImplicitMLP, 6, 12, tol=1e-8, n_power_iterations=2).double()  # 1e-8: float64 only
     norm = layer.g[1].parametrizations.weight[0]
     weight = layer.g[1].parametrizations.weight.original.detach()
     u, v = norm.u.clone(), norm.v.clone()
     layer.train()
-    layer(torch.randn(4, 6, requires_grad=True)).sum().backward()
+    layer(torch.randn(4, 6, dtype=torch.float64, requires_grad=True)).sum().backward()
     assert int(layer.stats.nstep.max()) > 3
     for _ in range(2):
         v = nn.functional.normalize(weight.t() @ u, dim=0)
@@ -139,8 +139,8 @@ def test_power_iteration_advances_once_per_training_forward_not_per_solver_step(
 
     before = norm.u.clone()
     layer.eval()
-    first = layer(torch.ones(2, 6))
-    assert torch.equal(norm.u, before) and torch.equal(layer(torch.ones(2, 6)), first)
+    first = layer(torch.ones(2, 6, dtype=torch.float64))
+    assert torch.equal(norm.u, before) and torch.equal(layer(torch.ones(2, 6, dtype=torch.float64)), first)
 
 
 def test_state_dict_round_trips():
@@ -169,9 +169,9 @@ def test_initial_guesses_reach_the_same_fixed_point(z_init):
 
 def test_the_input_is_a_better_start_than_zeros():
     torch.manual_seed(6)
-    layers = {init: quiet(il.ImplicitMLP, 8, 16, tol=1e-6, z_init=init) for init in ("zeros", "input")}
+    layers = {init: quiet(il.ImplicitMLP, 8, 16, tol=1e-6, z_init=init).double() for init in ("zeros", "input")}
     layers["input"].load_state_dict(layers["zeros"].state_dict())
-    x = 5 * torch.randn(16, 8)
+    x = 5 * torch.randn(16, 8, dtype=torch.float64)
     steps = {init: int(layer(x) is not None and layer.stats.nstep.sum()) for init, layer in layers.items()}
     assert steps["input"] < steps["zeros"]
 
@@ -206,8 +206,8 @@ def test_non_convergence_can_raise_or_be_ignored():
 
 
 def test_stats_are_detached_solver_results():
-    layer = quiet(il.ImplicitMLP, 4, 8, tol=1e-6)
-    layer(torch.randn(3, 4, requires_grad=True))
+    layer = quiet(il.ImplicitMLP, 4, 8, tol=1e-6).double()
+    layer(torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
     assert isinstance(layer.stats, il.SolverResult)
     assert not layer.stats.z.requires_grad
     assert set(layer.stats.summary()) == {
