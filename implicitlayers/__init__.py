@@ -8,24 +8,30 @@ Fixed-point solvers (:func:`solve`), gradient modes (IFT, phantom, JFB, unrolled
 
 from .backward import GRADIENT_MODES
 from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
+from .flows import ActNorm, ResidualFlow
 from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
 from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual
-from .lipschitz import SoftSpectralNorm, lipschitz_bound, spectral_norm
+from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
+from .logdet import LOGDET_ESTIMATORS, residual_logdet
 from .solvers import STATUS_NAMES, SolverResult, available_solvers, get_solver, register_solver, residual, solve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GRADIENT_MODES",
+    "LOGDET_ESTIMATORS",
     "STATUS_NAMES",
+    "ActNorm",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointModule",
     "ImplicitLayer",
     "ImplicitMLP",
     "InvertibleResidual",
+    "LipSwish",
     "LipschitzWarning",
     "ModuleFunction",
+    "ResidualFlow",
     "SoftSpectralNorm",
     "SolveConfig",
     "SolverResult",
@@ -35,6 +41,7 @@ __all__ = [
     "lipschitz_bound",
     "register_solver",
     "residual",
+    "residual_logdet",
     "solve",
     "spectral_norm",
 ]

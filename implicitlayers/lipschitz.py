@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .errors import check_int_at_least
 
-__all__ = ["ACTIVATION_LIPSCHITZ", "SoftSpectralNorm", "lipschitz_bound", "spectral_norm"]
+__all__ = ["ACTIVATION_LIPSCHITZ", "LipSwish", "SoftSpectralNorm", "lipschitz_bound", "spectral_norm"]
 
 # Lipschitz constants max |σ'(x)|, rounded up in the 5th decimal so they stay upper bounds.
 # GELU: Φ(x) + xφ(x) peaks at x = √2 (1.1289041...; the tanh approximation peaks at 1.1289931...);
@@ -33,6 +33,34 @@ ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
     nn.Softplus: 1.0,
 }
 _GELU_TANH_LIPSCHITZ = 1.12900
+# max over u of |d/du [u σ(u)]| = SiLU's constant; LipSwish divides by 1.1 > it.
+_SWISH_LIPSCHITZ = 1.09984
+
+
+class LipSwish(nn.Module):
+    """LipSwish (Chen et al., 2019, Residual Flows): x·σ(βx) / 1.1 with a learnable β, Lipschitz ≤ 1.
+
+    d/dx [x σ(βx)] = s(u) + u s(u)(1 - s(u)) at u = βx, the derivative of SiLU at u, whose magnitude
+    is at most 1.0998 for every β; dividing by 1.1 keeps the activation 1-Lipschitz however β trains,
+    while it stays smooth (invertible residual flows need a smooth g for their log-determinants).
+
+    Args:
+        beta: Initial β.
+
+    Shapes:
+        x: any; output: the same.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.tensor(float(beta)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.beta.to(x.dtype) * x) / 1.1
+
+    def lipschitz_bound(self) -> float:
+        """The certified constant 1.09984 / 1.1 < 1, for every β."""
+        return _SWISH_LIPSCHITZ / 1.1
 
 
 class SoftSpectralNorm(nn.Module):

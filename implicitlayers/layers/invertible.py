@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import LipschitzWarning, check_int_at_least
-from ..lipschitz import lipschitz_bound, spectral_norm
+from ..lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
+from ..logdet import residual_logdet
 from .implicit import FixedPointModule, initial_guess, validate_z_init
 
 __all__ = ["ACTIVATIONS", "ImplicitMLP", "InvertibleResidual", "make_activation"]
@@ -21,6 +24,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,
     "tanh": nn.Tanh,
     "silu": nn.SiLU,
+    "lipswish": LipSwish,
 }
 
 
@@ -39,11 +43,24 @@ def warn_if_not_contractive(g: nn.Module, owner: str) -> float:
         warnings.warn(
             f"{owner}: the Lipschitz constant of g {detail}, so z = x + g(z) is not certified to have a "
             "unique solution and solvers may fail to converge; lower coeff or use an activation with "
-            "constant 1 (relu, tanh, elu) for a certified contraction",
+            "constant at most 1 (relu, tanh, elu, lipswish) for a certified contraction",
             LipschitzWarning,
             stacklevel=3,
         )
     return bound
+
+
+@contextlib.contextmanager
+def _frozen_normalisation(module: nn.Module) -> Iterator[None]:
+    """Spectral norms in eval mode while inside: the weights the last forward used, unchanged."""
+    norms = [m for m in module.modules() if isinstance(m, SoftSpectralNorm) and m.training]
+    for norm in norms:
+        norm.training = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.training = True
 
 
 class InvertibleResidual(FixedPointModule):
@@ -88,6 +105,34 @@ class InvertibleResidual(FixedPointModule):
         """x with x + g(x) = y, found from the initial guess x = y; shape of y."""
         return self.fixed_point(lambda x, y: y - self.g(x), y, y)
 
+    def forward_with_logdet(
+        self,
+        x: Tensor,
+        estimator: str = "series",
+        terms: int = 8,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(y, log|det ∂y/∂x|)`` for y = x + g(x): log det(I + J_g(x)) per sample.
+
+        Args:
+            x: Input, shape ``(B, ...)``.
+            estimator: ``"exact"`` (Jacobian and ``slogdet``), ``"series"`` (``terms`` terms of
+                Σ (-1)^{k+1} tr(J^k)/k with Hutchinson traces) or ``"roulette"`` (unbiased Russian
+                roulette with the Neumann gradient of Residual Flows); see
+                :func:`implicitlayers.logdet.residual_logdet`.
+            terms: Series terms, or terms always taken before the roulette.
+            samples: Hutchinson vectors averaged.
+            generator: Random source for the stochastic estimators.
+
+        Returns:
+            ``(y, logdet)``: y shaped like x, logdet of shape ``(B,)``.
+        """
+        gx, logdet = residual_logdet(
+            self.g, x, sign=1.0, estimator=estimator, terms=terms, samples=samples, generator=generator
+        )
+        return x + gx, logdet
+
 
 class ImplicitMLP(FixedPointModule):
     """z = (id - g)^{-1}(x): the solution of z = x + g(z) for a spectrally normalised two-layer MLP g.
@@ -111,7 +156,8 @@ class ImplicitMLP(FixedPointModule):
     Args:
         features: Size of the last input dim.
         hidden_features: Width of g's hidden layer (defaults to ``features``).
-        activation: ``"gelu"``, ``"relu"``, ``"elu"``, ``"tanh"`` or ``"silu"``.
+        activation: ``"gelu"``, ``"relu"``, ``"elu"``, ``"tanh"``, ``"silu"`` or ``"lipswish"``
+            (:class:`~implicitlayers.LipSwish`: smooth and 1-Lipschitz).
         pre_activation: Apply the activation before the first linear layer as well.
         bias: Give both linear layers a bias.
         coeff: Spectral-norm bound of each linear layer.
@@ -182,6 +228,36 @@ class ImplicitMLP(FixedPointModule):
     def inverse(self, z: Tensor) -> Tensor:
         """x = z - g(z), explicit and exact; shape ``(..., features)``."""
         return z - self.g(z)
+
+    def forward_with_logdet(
+        self,
+        x: Tensor,
+        estimator: str = "series",
+        terms: int = 8,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(z, log|det ∂z/∂x|)`` for z = (1 - g)⁻¹(x): -log det(I - J_g(z)) per row.
+
+        The volume change of the implicit layer (iMixer's token mixer), from the Jacobian of g at the
+        solution; its gradient flows through z by the IFT. Estimators as in
+        :meth:`InvertibleResidual.forward_with_logdet`.
+
+        Returns:
+            ``(z, logdet)``: z shaped like x, logdet of shape ``x.shape[:-1]``.
+        """
+        z = self(x)
+        with _frozen_normalisation(self):  # the g of the solve: no second power-iteration step
+            _, logdet = residual_logdet(
+                self.g,
+                z.reshape(-1, self.features),
+                sign=-1.0,
+                estimator=estimator,
+                terms=terms,
+                samples=samples,
+                generator=generator,
+            )
+        return z, -logdet.reshape(x.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"features={self.features}, hidden_features={self.hidden_features}, " + super().extra_repr()
