@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -171,7 +172,7 @@ class ResidualFlow(nn.Module):
         flat = z.reshape(z.shape[0], -1)
         return -0.5 * (flat.square().sum(dim=1) + flat.shape[1] * math.log(2 * math.pi))
 
-    def log_prob(self, x: Tensor, estimator: str | None = None, **options) -> Tensor:
+    def log_prob(self, x: Tensor, estimator: str | None = None, **options: Any) -> Tensor:
         """log p(x) = log p_base(F(x)) + log|det ∂F/∂x|, shape ``(B,)``.
 
         Args:
