@@ -523,82 +523,87 @@ class _FixedPoint(torch.autograd.Function):
         return _vmap_rule(_FixedPoint, info, in_dims, problem, *args)
 
 
-class _AdjointSolve(torch.autograd.Function):
-    """``(z, g, *inputs) ↦ u`` with u = g + J_z(z, inputs)ᵀ u."""
+class _LinearSolve(torch.autograd.Function):
+    """``(z, rhs, *inputs) ↦ x`` with x = rhs + M x: M = J_zᵀ (adjoint) or J_z (tangent), A = I - J_z.
+
+    The two are each other's derivative. For the adjoint u = A⁻ᵀ g and a cotangent w, with t = A⁻¹ w:
+    ḡ = t and (z̄, θ̄) = ∂/∂(z, θ) ⟨u, J_z t⟩. For the tangent t = A⁻¹ b, with s = A⁻ᵀ w: b̄ = s and
+    (z̄, θ̄) = ∂/∂(z, θ) ⟨s, J_z t⟩. Forward mode differentiates the equation itself: ẋ solves the
+    same system with right-hand side ṙhs + (∂(M x)/∂(z, θ)) · (ż, θ̇).
+    """
+
+    transposed: bool  # adjoint (J_zᵀ) or tangent (J_z)
 
     @staticmethod
     def per_sample(problem: _Problem) -> tuple[bool, ...]:
         return (True, True, *problem.per_sample)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.problem, z, _, *tensors = inputs
+        ctx.save_for_backward(z, output, *tensors)
+        ctx.save_for_forward(z, output, *tensors)
+
+
+def _linear_backward(ctx, w: Tensor, transposed: bool) -> tuple:
+    problem: _Problem = ctx.problem
+    z, x, *inputs = ctx.saved_tensors
+    y = (_TangentSolve if transposed else _AdjointSolve).apply(problem, z, w, *inputs)
+    adjoint_side, tangent_side = (x, y) if transposed else (y, x)
+    needed = (ctx.needs_input_grad[1], *ctx.needs_input_grad[3:])
+    grad_z, grads = _second_order_vjp(problem.f, adjoint_side, tangent_side, z, inputs, needed)
+    return (None, grad_z, y, *grads)
+
+
+def _linear_jvp(ctx, function: type[_LinearSolve], z_tangent, rhs_tangent, input_tangents) -> Tensor:
+    problem: _Problem = ctx.problem
+    z, x, *inputs = ctx.saved_tensors
+    product = (_transposed_jacobian_product if function.transposed else _jacobian_product)(problem.f, x)
+    moved = _second_order_jvp(product, z, inputs, z_tangent, input_tangents)
+    rhs = moved if rhs_tangent is None else moved + rhs_tangent
+    return function.apply(problem, z, rhs, *inputs)
+
+
+class _AdjointSolve(_LinearSolve):
+    """``(z, g, *inputs) ↦ u`` with u = g + J_z(z, inputs)ᵀ u."""
+
+    transposed = True
 
     @staticmethod
     def forward(problem: _Problem, z: Tensor, g: Tensor, *inputs: Tensor) -> Tensor:
         return _adjoint_solution(problem, z, g, inputs)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.problem, z, _, *tensors = inputs
-        ctx.save_for_backward(z, output, *tensors)
-        ctx.save_for_forward(z, output, *tensors)
-
-    @staticmethod
     @_unbatch_legacy
     def backward(ctx, w: Tensor):
-        # With t = A⁻¹ w (A = I - J_z): ḡ = t and (z̄, θ̄) = ∂/∂(z, θ) ⟨u, J_z t⟩.
-        problem: _Problem = ctx.problem
-        z, u, *inputs = ctx.saved_tensors
-        t = _TangentSolve.apply(problem, z, w, *inputs)
-        needed = (ctx.needs_input_grad[1], *ctx.needs_input_grad[3:])
-        grad_z, grads = _second_order_vjp(problem.f, u, t, z, inputs, needed)
-        return (None, grad_z, t, *grads)
+        return _linear_backward(ctx, w, transposed=True)
 
     @staticmethod
     def jvp(ctx, _problem, z_tangent, g_tangent, *input_tangents):
-        problem: _Problem = ctx.problem
-        z, u, *inputs = ctx.saved_tensors
-        moved = _second_order_jvp(_transposed_jacobian_product(problem.f, u), z, inputs, z_tangent, input_tangents)
-        rhs = moved if g_tangent is None else moved + g_tangent
-        return _AdjointSolve.apply(problem, z, rhs, *inputs)
+        return _linear_jvp(ctx, _AdjointSolve, z_tangent, g_tangent, input_tangents)
 
     @staticmethod
     def vmap(info, in_dims, problem, *args):
         return _vmap_rule(_AdjointSolve, info, in_dims, problem, *args)
 
 
-class _TangentSolve(torch.autograd.Function):
+class _TangentSolve(_LinearSolve):
     """``(z, b, *inputs) ↦ t`` with t = b + J_z(z, inputs) t."""
 
-    @staticmethod
-    def per_sample(problem: _Problem) -> tuple[bool, ...]:
-        return (True, True, *problem.per_sample)
+    transposed = False
 
     @staticmethod
     def forward(problem: _Problem, z: Tensor, b: Tensor, *inputs: Tensor) -> Tensor:
         return _tangent_solution(problem, z, b, inputs)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.problem, z, _, *tensors = inputs
-        ctx.save_for_backward(z, output, *tensors)
-        ctx.save_for_forward(z, output, *tensors)
-
-    @staticmethod
     @_unbatch_legacy
     def backward(ctx, w: Tensor):
-        # With s = A⁻ᵀ w: b̄ = s and (z̄, θ̄) = ∂/∂(z, θ) ⟨s, J_z t⟩ = ∂/∂(z, θ) ⟨J_zᵀ s, t⟩.
-        problem: _Problem = ctx.problem
-        z, t, *inputs = ctx.saved_tensors
-        s = _AdjointSolve.apply(problem, z, w, *inputs)
-        needed = (ctx.needs_input_grad[1], *ctx.needs_input_grad[3:])
-        grad_z, grads = _second_order_vjp(problem.f, s, t, z, inputs, needed)
-        return (None, grad_z, s, *grads)
+        return _linear_backward(ctx, w, transposed=False)
 
     @staticmethod
     def jvp(ctx, _problem, z_tangent, b_tangent, *input_tangents):
-        problem: _Problem = ctx.problem
-        z, t, *inputs = ctx.saved_tensors
-        moved = _second_order_jvp(_jacobian_product(problem.f, t), z, inputs, z_tangent, input_tangents)
-        rhs = moved if b_tangent is None else moved + b_tangent
-        return _TangentSolve.apply(problem, z, rhs, *inputs)
+        return _linear_jvp(ctx, _TangentSolve, z_tangent, b_tangent, input_tangents)
 
     @staticmethod
     def vmap(info, in_dims, problem, *args):

@@ -241,10 +241,12 @@ def plot(flow: il.ResidualFlow, test: Tensor, samples: Tensor, path: Path, title
     grid = torch.cartesian_prod(xs, ys)
     with torch.no_grad():
         density = torch.cat([flow.log_prob(c, estimator="exact").exp() for c in grid.split(4096)])
+    test, samples, density = test.numpy(), samples.numpy(), density.reshape(160, 160).T.numpy()
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), constrained_layout=True)
     axes[0].scatter(*test.T, s=2, alpha=0.5)
     axes[0].set_title(f"test data ({title})")
-    axes[1].imshow(density.reshape(160, 160).T, origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]), aspect="auto")
+    extent = (float(xs[0]), float(xs[-1]), float(ys[0]), float(ys[-1]))
+    axes[1].imshow(density, origin="lower", extent=extent, aspect="auto")
     axes[1].set_title("learned density p(x)")
     axes[2].scatter(*samples.T, s=2, alpha=0.5, color="tab:orange")
     axes[2].set_title("samples (inverse solves)")
