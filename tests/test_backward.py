@@ -245,6 +245,11 @@ def test_every_transform_gives_the_modes_own_derivative(mode):
     basis = torch.eye(out.numel(), dtype=out.dtype).reshape(-1, *out.shape)
     (batched,) = torch.autograd.grad(layer(xr), xr, basis, is_grads_batched=True)
     assert relative_error(batched.reshape(plain.shape), plain) <= 1e-9
+    # Second order: double backward and torch.func.hessian agree.
+    (grad_x,) = torch.autograd.grad(layer(xr).sin().sum(), xr, create_graph=True)
+    rows = [torch.autograd.grad(grad_x.flatten()[i], xr, retain_graph=True)[0] for i in range(grad_x.numel())]
+    hessian = torch.func.hessian(lambda x: f(x).sin().sum())(x)
+    assert relative_error(torch.stack(rows).reshape(hessian.shape), hessian) <= 1e-8
     if mode in ("ift", "unrolled"):  # the exact derivative: both agree with the closed form
         z = layer.stats.z if mode == "ift" else out.detach()
         df_dz, df_dx = torch.func.jacrev(lambda zi, xi: cell(zi[None], xi[None])[0], argnums=(0, 1))(z[0], x[0])
