@@ -140,6 +140,13 @@ class SoftSpectralNorm(nn.Module):
         # Power iteration and σ̂ in the weight's own precision, never autocast to bf16.
         with _without_autocast(weight.device.type):
             if self.training:
+                if torch._C._functorch.is_functorch_wrapped_tensor(weight):
+                    raise RuntimeError(
+                        "spectral_norm: a training-mode forward advances the power iteration by writing its u/v "
+                        "buffers, which torch.func transforms of the weights forbid; call the model in eval mode "
+                        "inside the transform, and advance the power iteration outside it (a training-mode "
+                        "forward under torch.no_grad)"
+                    )
                 self._power_iterate(weight.detach(), self.n_power_iterations)
             factor = torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
             return weight / factor

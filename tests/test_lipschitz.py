@@ -174,3 +174,16 @@ def test_construction_runs_one_svd_and_works_on_the_meta_device(monkeypatch):
     with torch.device("meta"):
         mlp = il.ImplicitMLP(16, 32, activation="relu")
     assert mlp.g[1].weight.shape == (32, 16) and mlp.g[1].weight.device.type == "meta"
+
+
+def test_a_training_mode_forward_under_a_weight_transform_says_what_to_do():
+    layer = il.spectral_norm(nn.Linear(3, 3), 0.9)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(p):
+        return torch.func.functional_call(layer, p, (torch.ones(2, 3),)).sum()
+
+    with pytest.raises(RuntimeError, match="call the model in eval mode inside the transform"):
+        torch.func.grad(loss)(params)
+    layer.eval()  # no power iteration: the transform runs
+    assert torch.func.grad(loss)(params)["parametrizations.weight.original"].shape == (3, 3)
