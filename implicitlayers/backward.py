@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .implicit_function import is_transformed
-from .solvers import SolverResult, residual
+from .solvers import SolverResult
+from .solvers.base import measure
 
 __all__ = ["GRADIENT_MODES", "phantom_steps", "unrolled_picard"]
 
@@ -94,7 +95,7 @@ def unrolled_picard(
     device = z0.device
     active = torch.ones(batch, dtype=torch.bool, device=device)
     nstep = torch.zeros(batch, dtype=torch.long, device=device)
-    last_residual = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
+    last_residual = torch.full((batch,), math.inf, dtype=torch.promote_types(z0.dtype, torch.float32), device=device)
     trace = []
     z = z0
     for _ in range(max_iter):
@@ -102,9 +103,9 @@ def unrolled_picard(
         if fz.shape != z.shape:
             raise ValueError(f"f(z0) has shape {tuple(fz.shape)} but z0 has shape {tuple(z.shape)}")
         with torch.no_grad():
-            res = residual(z, fz, stop_mode)
-            # As in the solvers' driver: a non-finite f(z) or z makes the residual inf or NaN.
-            finite = res < math.inf
+            # As in the solvers' driver: a non-finite f(z), or a norm that overflowed, is not usable
+            # (an overflowed ||f(z)|| would make the relative residual read 0, "converged").
+            res, finite = measure(z, fz, stop_mode)
             step = active & finite
             nstep = nstep + active.long()  # out of place: under vmap, active may be batched
             last_residual = torch.where(step, res, last_residual)

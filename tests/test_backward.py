@@ -336,3 +336,15 @@ def test_a_diverging_layer_raises_when_asked():
     layer = il.ImplicitLayer(Doubling(), solver="picard", max_iter=200, on_nonconvergence="raise")
     with pytest.raises(il.ConvergenceError, match="diverged"):
         layer(torch.ones(2, 3))
+
+
+def test_unrolled_never_reports_an_overflowed_norm_as_converged():
+    # ||f(z)|| overflows in float32 while ||f(z) - z|| = 2: the relative residual must not read 0.
+    class Shift(nn.Module):
+        def forward(self, z, x):
+            return z + 1
+
+    layer = il.ImplicitLayer(Shift(), backward="unrolled", tol=1e-3, max_iter=3, z_init="input")
+    layer.on_nonconvergence = "ignore"
+    layer(torch.full((2, 4), 1e19))
+    assert not bool(layer.stats.converged.any())

@@ -113,6 +113,19 @@ class StepRule(Protocol):
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, Any]: ...
 
 
+def measure(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> tuple[Tensor, Tensor]:
+    """``(residual, usable)`` per sample in one plain pass: no host synchronisation, no rescaling.
+
+    ``usable`` is False where a norm overflowed or f(z) is not finite, so that such a residual is
+    never taken for convergence (the solvers' driver then measures again, overflow-safe).
+    """
+    work = torch.promote_types(z.dtype, torch.float32)
+    z2 = z.reshape(z.shape[0], math.prod(z.shape[1:])).to(work)
+    f2 = fz.reshape(fz.shape[0], math.prod(fz.shape[1:])).to(work)
+    res, _, usable = _residuals(z2, f2, stop_mode, robust=False)
+    return res, usable
+
+
 def residual(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> Tensor:
     """Per-sample residual of ``z`` for the map that sent it to ``fz``, free of overflow.
 
