@@ -10,6 +10,7 @@ from .backward import GRADIENT_MODES
 from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
 from .flows import ActNorm, ResidualFlow
 from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
+from .jacobian import jacobian_penalty, spectral_radius
 from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual
 from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
 from .logdet import LOGDET_ESTIMATORS, residual_logdet
@@ -38,10 +39,12 @@ __all__ = [
     "available_solvers",
     "get_solver",
     "implicit_fixed_point",
+    "jacobian_penalty",
     "lipschitz_bound",
     "register_solver",
     "residual",
     "residual_logdet",
     "solve",
     "spectral_norm",
+    "spectral_radius",
 ]

@@ -14,9 +14,11 @@ from ..implicit_function import (
     ModuleFunction,
     SolveConfig,
     implicit_fixed_point,
+    is_transformed,
     jacobian_free_fixed_point,
     stop_gradient_fixed_point,
 )
+from ..jacobian import jacobian_penalty, spectral_radius
 from ..solvers import SolverResult, get_solver, validate_solve_args
 
 __all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer"]
@@ -29,7 +31,25 @@ class FixedPointModule(nn.Module):
     """Base class of the layers: solves a fixed point and attaches the chosen gradient.
 
     Subclasses build a closure z ↦ f(z, x) and an initial guess and call :meth:`fixed_point`. The
-    arguments are those of :class:`ImplicitLayer`.
+    arguments are those of :class:`ImplicitLayer`, plus these training aids:
+
+    Args:
+        eval_max_iter: Forward budget in eval mode (default ``max_iter``): inference may afford more
+            iterations, or fewer, than training.
+        eval_tol: Forward tolerance in eval mode (default ``tol``).
+        warm_start: Start each solve from the previous forward's output when it has the same shape,
+            for inputs that the caller knows are related (consecutive frames, refinement steps);
+            :meth:`reset_warm_start` forgets it. Off by default: unrelated batches gain nothing.
+        jacobian_penalty: Hutchinson samples of ‖J_f(z*)‖_F² / dim (Bai et al., 2021) computed in each
+            training forward and left in ``jacobian_loss`` (a differentiable scalar, the batch mean) for
+            the caller to add to the loss; 0 (default) computes nothing.
+        spectral_radius_iters: Power-iteration steps of ρ(J_f(z*)) per forward, recorded in
+            ``stats.spectral_radius`` (shape ``(B,)``); 0 (default) computes nothing.
+
+    Attributes:
+        stats: The last forward's :class:`~implicitlayers.SolverResult`, detached.
+        backward_stats: The last adjoint solve's :class:`~implicitlayers.SolverResult`, detached.
+        jacobian_loss: The last training forward's Jacobian penalty (with ``jacobian_penalty`` > 0).
     """
 
     def __init__(
@@ -47,6 +67,11 @@ class FixedPointModule(nn.Module):
         phantom_damping: float = 1.0,
         on_nonconvergence: str = "warn",
         solver_options: dict[str, Any] | None = None,
+        eval_max_iter: int | None = None,
+        eval_tol: float | None = None,
+        warm_start: bool = False,
+        jacobian_penalty: int = 0,
+        spectral_radius_iters: int = 0,
     ) -> None:
         super().__init__()
         get_solver(solver)
@@ -60,6 +85,14 @@ class FixedPointModule(nn.Module):
             tol if backward_tol is None else backward_tol,
             stop_mode,
         )
+        validate_solve_args(
+            max_iter if eval_max_iter is None else eval_max_iter, tol if eval_tol is None else eval_tol, stop_mode
+        )
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        check_int_at_least("jacobian_penalty", jacobian_penalty, 0)
+        if spectral_radius_iters != 0:
+            check_int_at_least("spectral_radius_iters", spectral_radius_iters, 2)
         check_int_at_least("phantom_steps", phantom_steps)
         if not 0.0 < phantom_damping <= 1.0:
             raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
@@ -79,8 +112,15 @@ class FixedPointModule(nn.Module):
         self.phantom_damping = phantom_damping
         self.on_nonconvergence = on_nonconvergence
         self.solver_options = dict(solver_options or {})
+        self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
+        self.eval_tol = tol if eval_tol is None else eval_tol
+        self.warm_start = warm_start
+        self.jacobian_penalty = jacobian_penalty
+        self.spectral_radius_iters = spectral_radius_iters
         self.stats: SolverResult | None = None
         self.backward_stats: SolverResult | None = None
+        self.jacobian_loss: Tensor | None = None
+        self._previous: Tensor | None = None  # the last output, for warm starts
         self._warn = RateLimitedWarner()
 
     def fixed_point(self, f: Callable[[Tensor, Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
@@ -105,6 +145,7 @@ class FixedPointModule(nn.Module):
         """
         function = ModuleFunction(self, f)
         tensors = function.tensors()
+        z0 = self._start(z0)
         options = {"per_sample": (True,) + (False,) * len(tensors), "forward": self._forward_config()}
         if self.backward == "unrolled":
             z, result = function.bind((x, *tensors), lambda bound: self._unrolled(bound, z0))
@@ -127,13 +168,50 @@ class FixedPointModule(nn.Module):
             z_star = stop_gradient_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
             steps, damping = self.phantom_steps, self.phantom_damping
             z = function.bind((x, *tensors), lambda bound: phantom_steps(bound, z_star, steps=steps, damping=damping))
-        return z.to(z0.dtype)
+        z = z.to(z0.dtype)
+        self._diagnose(function, x, tensors, z)
+        return z
+
+    def _start(self, z0: Tensor) -> Tensor:
+        """The warm start (the previous output) where asked for and shaped like ``z0``; else ``z0``."""
+        previous = self._previous
+        if not self.warm_start or previous is None or is_transformed(z0):
+            return z0
+        if previous.shape != z0.shape or previous.dtype != z0.dtype or previous.device != z0.device:
+            return z0
+        return previous
+
+    def _diagnose(self, function: ModuleFunction, x: Tensor, tensors: list[Tensor], z: Tensor) -> None:
+        """Warm-start memory, the Jacobian penalty and the spectral radius at the new fixed point."""
+        plain = not is_transformed(z)
+        self._previous = z.detach() if self.warm_start and plain else None
+        if self.jacobian_penalty and self.training and torch.is_grad_enabled():
+            penalty = function.bind(
+                (x, *tensors), lambda bound: jacobian_penalty(bound, z.detach(), samples=self.jacobian_penalty)
+            )
+            self.jacobian_loss = penalty.mean()
+        else:
+            self.jacobian_loss = None
+        if self.spectral_radius_iters and plain and self.stats is not None:
+            detached = [t.detach() for t in tensors]
+            radius = function.bind(
+                (x.detach(), *detached),
+                lambda bound: spectral_radius(bound, z.detach(), iters=self.spectral_radius_iters),
+            )
+            self.stats.spectral_radius = radius
+
+    def reset_warm_start(self) -> None:
+        """Forgets the previous fixed point: the next forward starts from ``z_init`` again."""
+        self._previous = None
 
     def _unrolled(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> tuple[Tensor, SolverResult | None]:
-        return unrolled_picard(f, z0, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode)
+        config = self._forward_config()
+        return unrolled_picard(f, z0, max_iter=config.max_iter, tol=config.tol, stop_mode=self.stop_mode)
 
     def _forward_config(self) -> SolveConfig:
-        return SolveConfig(self.solver, self.max_iter, self.tol, self.stop_mode, self.solver_options)
+        """Training mode solves with ``max_iter``/``tol``; eval mode with ``eval_max_iter``/``eval_tol``."""
+        max_iter, tol = (self.max_iter, self.tol) if self.training else (self.eval_max_iter, self.eval_tol)
+        return SolveConfig(self.solver, max_iter, tol, self.stop_mode, self.solver_options)
 
     def _adjoint_config(self) -> SolveConfig:
         options = self.solver_options if self.backward_solver == self.solver else {}
@@ -149,7 +227,7 @@ class FixedPointModule(nn.Module):
 
     def _report(self, result: SolverResult, direction: str) -> None:
         # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
-        tol = self.tol if direction == "forward" else self.backward_tol
+        tol = self._forward_config().tol if direction == "forward" else self.backward_tol
         if self.on_nonconvergence == "ignore" or tol == 0 or bool(result.converged.all()):
             return
         unconverged = float((~result.converged).float().mean())
@@ -159,7 +237,7 @@ class FixedPointModule(nn.Module):
         message = (
             f"{type(self).__name__} {direction} solve did not converge for {unconverged:.1%} of samples "
             f"({reasons}; max residual {float(result.residual.max()):.3g} > tol {tol:g}, "
-            f"max_iter {self.max_iter if direction == 'forward' else self.backward_max_iter}); "
+            f"max_iter {self._forward_config().max_iter if direction == 'forward' else self.backward_max_iter}); "
             "raise max_iter, try solver='broyden' or 'anderson', or lower the Lipschitz constant of f"
         )
         if self.on_nonconvergence == "raise":
@@ -205,6 +283,8 @@ class ImplicitLayer(FixedPointModule):
             (:class:`ConvergenceError`) or ``"ignore"``.
         stop_mode: ``"rel"`` or ``"abs"`` residual.
         solver_options: Extra solver settings, e.g. ``{"memory": 8}``.
+        **options: The training aids of :class:`FixedPointModule`: ``eval_max_iter``, ``eval_tol``,
+            ``warm_start``, ``jacobian_penalty``, ``spectral_radius_iters``.
 
     Attributes:
         stats: The last forward's :class:`SolverResult`, detached.
@@ -231,6 +311,7 @@ class ImplicitLayer(FixedPointModule):
         on_nonconvergence: str = "warn",
         stop_mode: str = "rel",
         solver_options: dict[str, Any] | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             solver=solver,
@@ -245,6 +326,7 @@ class ImplicitLayer(FixedPointModule):
             phantom_damping=phantom_damping,
             on_nonconvergence=on_nonconvergence,
             solver_options=solver_options,
+            **options,
         )
         if not isinstance(f, nn.Module):
             raise ValueError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")

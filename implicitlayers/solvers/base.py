@@ -63,6 +63,8 @@ class SolverResult:
         status: Why each sample stopped, ``LongTensor[B]`` indexing :data:`STATUS_NAMES`:
             converged, max_iter, non_finite or diverged. Defaults to converged/max_iter from
             ``converged`` for results built without it.
+        spectral_radius: ρ(J_f) at each sample's fixed point, ``Tensor[B]``, where a layer was asked to
+            estimate it (``spectral_radius_iters``); else None.
     """
 
     z: Tensor
@@ -71,6 +73,7 @@ class SolverResult:
     converged: Tensor
     trace: Tensor
     status: Tensor | None = None
+    spectral_radius: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.status is None:
@@ -79,7 +82,13 @@ class SolverResult:
     def detach(self) -> SolverResult:
         """Returns a copy whose tensors are detached from any autograd graph."""
         return SolverResult(
-            self.z.detach(), self.nstep, self.residual.detach(), self.converged, self.trace.detach(), self.status
+            self.z.detach(),
+            self.nstep,
+            self.residual.detach(),
+            self.converged,
+            self.trace.detach(),
+            self.status,
+            None if self.spectral_radius is None else self.spectral_radius.detach(),
         )
 
     def reasons(self) -> dict[str, int]:

@@ -1,0 +1,25 @@
+"""benchmarks/warm_start.py: a quick run's schema and its evaluation counts (never its timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "warm_start.py"
+
+
+def test_a_quick_run_reports_cold_and_warm_solves(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("warm_start", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--quick", "--out", str(tmp_path)])
+    assert "| σ | cold evaluations |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "warm_start.json").read_text()) == json.loads(json.dumps(results))
+    rows = results["rows"]
+    assert [row["sigma"] for row in rows] == [0.01, 0.1, 1.0]
+    for row in rows:
+        assert row["cold_evaluations"] > 0 and row["warm_evaluations"] > 0
+        assert row["evaluation_ratio"] == row["warm_evaluations"] / row["cold_evaluations"]
+    # The closest frames gain the most from starting at the previous fixed point.
+    assert rows[0]["warm_evaluations"] < rows[0]["cold_evaluations"]
