@@ -11,7 +11,7 @@ from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
 from .flows import ActNorm, ResidualFlow
 from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
 from .jacobian import jacobian_penalty, spectral_radius
-from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual
+from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual, fixed_point
 from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
 from .logdet import LOGDET_ESTIMATORS, residual_logdet
 from .solvers import STATUS_NAMES, SolverResult, available_solvers, get_solver, register_solver, residual, solve
@@ -37,6 +37,7 @@ __all__ = [
     "SolveConfig",
     "SolverResult",
     "available_solvers",
+    "fixed_point",
     "get_solver",
     "implicit_fixed_point",
     "jacobian_penalty",

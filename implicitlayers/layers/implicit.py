@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..backward import GRADIENT_MODES, phantom_steps, unrolled_picard
 from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
@@ -21,7 +24,7 @@ from ..implicit_function import (
 from ..jacobian import jacobian_penalty, spectral_radius
 from ..solvers import SolverResult, get_solver, validate_solve_args
 
-__all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer"]
+__all__ = ["NONCONVERGENCE_POLICIES", "FixedPointModule", "ImplicitLayer", "fixed_point"]
 
 NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
 _REASON_WORDS = {"max_iter": "ran out of max_iter", "non_finite": "produced inf/NaN", "diverged": "diverged"}
@@ -123,7 +126,7 @@ class FixedPointModule(nn.Module):
         self._previous: Tensor | None = None  # the last output, for warm starts
         self._warn = RateLimitedWarner()
 
-    def fixed_point(self, f: Callable[[Tensor, Tensor], Tensor], z0: Tensor, x: Tensor) -> Tensor:
+    def fixed_point(self, f: Callable[[Any, Tensor], Any], z0: Any, x: Tensor) -> Any:
         """Solves z = f(z, x) from ``z0`` and returns f(z*) with this layer's gradient attached.
 
         The output is the image f(z*) of the solver's best iterate z* (``stats.z``), as in TorchDEQ:
@@ -137,12 +140,19 @@ class FixedPointModule(nn.Module):
 
         Args:
             f: ``(z, x) ↦ f(z, x)``; sample b of its output may depend only on sample b of z and x.
-            z0: Initial guess, shape ``(B, ...)``; in ``"unrolled"`` mode gradients flow through it.
+            z0: Initial guess, shape ``(B, ...)``, or a tuple/list/dict of such tensors of different
+                shapes (a multi-resolution state): each sample's pieces are solved as one vector, and
+                f receives and returns the same structure. In ``"unrolled"`` mode gradients flow
+                through z0.
             x: The input, shape ``(B, ...)`` (dim 0 indexes the same samples as z's).
 
         Returns:
-            f(z*), shape of ``z0``, in ``z0``'s dtype, differentiable according to ``backward``.
+            f(z*), in ``z0``'s structure, shapes and dtypes, differentiable according to ``backward``.
         """
+        if not isinstance(z0, Tensor):
+            packing = _Packing(z0)
+            out = self.fixed_point(lambda z, x: packing.pack(f(packing.unpack(z), x)), packing.pack(z0), x)
+            return packing.unpack(out)
         function = ModuleFunction(self, f)
         tensors = function.tensors()
         z0 = self._start(z0)
@@ -265,8 +275,10 @@ class ImplicitLayer(FixedPointModule):
         True
 
     Args:
-        f: An ``nn.Module`` called as ``f(z, x)``, returning a tensor of z's shape. Sample b of its
-            output may depend only on sample b of z and x.
+        f: Any callable ``f(z, x)`` returning z's structure and shapes; sample b of its output may
+            depend only on sample b of z and x. A Module's parameters and buffers get every
+            derivative; tensors a plain function captures get their exact first-order gradient.
+            z may be a tensor or a tuple/list/dict of tensors (see :meth:`FixedPointModule.fixed_point`).
         solver: Forward solver name (:func:`implicitlayers.available_solvers`). Ignored by
             ``backward="unrolled"``, which always iterates Picard steps.
         max_iter: Maximum evaluations of f in the forward solve.
@@ -278,7 +290,7 @@ class ImplicitLayer(FixedPointModule):
         phantom_steps: Damped steps differentiated by ``backward="phantom"``.
         phantom_damping: λ of those steps, in (0, 1].
         z_init: Initial guess: ``"zeros"`` (zeros shaped like x), ``"input"`` (x itself) or a callable
-            ``x -> z0``.
+            ``x -> z0`` (which may return a tuple/list/dict of tensors).
         on_nonconvergence: ``"warn"`` (rate-limited :class:`ConvergenceWarning`), ``"raise"``
             (:class:`ConvergenceError`) or ``"ignore"``.
         stop_mode: ``"rel"`` or ``"abs"`` residual.
@@ -328,14 +340,70 @@ class ImplicitLayer(FixedPointModule):
             solver_options=solver_options,
             **options,
         )
-        if not isinstance(f, nn.Module):
-            raise ValueError(f"f must be an nn.Module called as f(z, x), got {type(f).__name__}")
+        if not callable(f):
+            raise ValueError(f"f must be callable as f(z, x), got {type(f).__name__}")
         self.f = f
         self.z_init = validate_z_init(z_init)
 
     def forward(self, x: Tensor) -> Tensor:
         z0 = initial_guess(self.z_init, x)
         return self.fixed_point(self.f, z0, x)
+
+
+class _Packing:
+    """Packs a structure (tuple, list, dict) of ``(B, ...)`` tensors into one ``(B, D)`` tensor and back."""
+
+    def __init__(self, example: Any) -> None:
+        leaves, self.spec = tree_flatten(example)
+        if not leaves or not all(isinstance(leaf, Tensor) and leaf.dim() >= 1 for leaf in leaves):
+            raise ValueError("z0 must be a tensor or a tuple/list/dict of tensors of shape (B, ...)")
+        self.batch = leaves[0].shape[0]
+        if any(leaf.shape[0] != self.batch for leaf in leaves):
+            raise ValueError(f"every piece of z0 needs the same batch size; got {[tuple(t.shape) for t in leaves]}")
+        self.shapes = [leaf.shape[1:] for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.dtype = functools.reduce(torch.promote_types, self.dtypes)
+
+    def pack(self, tree: Any) -> Tensor:
+        leaves, spec = tree_flatten(tree)
+        if spec != self.spec or [leaf.shape[1:] for leaf in leaves] != self.shapes:
+            raise ValueError(f"f must return z's structure {self.spec} with the same shapes, got {spec}")
+        return torch.cat([leaf.reshape(leaf.shape[0], -1).to(self.dtype) for leaf in leaves], dim=1)
+
+    def unpack(self, flat: Tensor) -> Any:
+        pieces, start = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            size = math.prod(shape)
+            pieces.append(flat[:, start : start + size].reshape(flat.shape[0], *shape).to(dtype))
+            start += size
+        return tree_unflatten(pieces, self.spec)
+
+
+def fixed_point(f: Callable[[Any, Tensor], Any], x: Tensor, z0: Any, **layer_options: Any) -> Any:
+    """z* = f(z*, x) from the initial guess ``z0``, with gradients attached: no Module needed.
+
+    Examples:
+        >>> import torch, implicitlayers as il
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> z = il.fixed_point(lambda z, x: 0.5 * torch.tanh(z) + x, x, torch.zeros(4, 3), tol=1e-8)
+        >>> z.sum().backward()
+        >>> x.grad.shape
+        torch.Size([4, 3])
+
+    Args:
+        f: Any callable ``f(z, x)``: a Module (its parameters and buffers get every derivative), or a
+            function (tensors it captures get their exact first-order gradient; higher orders, forward
+            mode and torch.func then need them passed through x or held by a Module).
+        x: The input, shape ``(B, ...)``.
+        z0: The initial guess: a tensor ``(B, ...)`` or a tuple/list/dict of them.
+        **layer_options: Any :class:`ImplicitLayer` option (``solver``, ``tol``, ``backward``, ...).
+
+    Returns:
+        z* in ``z0``'s structure. For solver statistics, build an :class:`ImplicitLayer` and read its
+        ``stats``.
+    """
+    layer = ImplicitLayer(f, z_init=lambda _: z0, **layer_options)
+    return layer(x)
 
 
 def validate_z_init(z_init: str | Callable[[Tensor], Tensor]) -> str | Callable[[Tensor], Tensor]:
@@ -352,6 +420,6 @@ def initial_guess(z_init: str | Callable[[Tensor], Tensor], x: Tensor) -> Tensor
     if z_init == "input":
         return x
     z0 = z_init(x)
-    if not isinstance(z0, Tensor):
-        raise ValueError(f"z_init(x) must return a Tensor, got {type(z0).__name__}")
+    if not isinstance(z0, (Tensor, tuple, list, dict)):
+        raise ValueError(f"z_init(x) must return a Tensor or a tuple/list/dict of them, got {type(z0).__name__}")
     return z0
