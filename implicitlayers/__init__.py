@@ -11,7 +11,7 @@ from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
 from .flows import ActNorm, ResidualFlow
 from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
 from .jacobian import jacobian_penalty, spectral_radius
-from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual, fixed_point
+from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual, VariationalDropout, fixed_point
 from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
 from .logdet import LOGDET_ESTIMATORS, residual_logdet
 from .solvers import STATUS_NAMES, SolverResult, available_solvers, get_solver, register_solver, residual, solve
@@ -36,6 +36,7 @@ __all__ = [
     "SoftSpectralNorm",
     "SolveConfig",
     "SolverResult",
+    "VariationalDropout",
     "available_solvers",
     "fixed_point",
     "get_solver",

@@ -344,3 +344,39 @@ def test_layers_run_and_return_in_the_modules_dtype(dtype, accuracy):
     g = nn.Sequential(il.spectral_norm(nn.Linear(8, 8), 0.7), nn.Tanh())
     block = il.InvertibleResidual(g, tol=tol, max_iter=100).to(dtype)
     assert block.inverse(block(x)).dtype == dtype
+
+
+class _DroppedCell(nn.Module):
+    def __init__(self, dim: int, p: float):
+        super().__init__()
+        self.mix = il.spectral_norm(nn.Linear(dim, dim), 0.6)
+        self.drop = il.VariationalDropout(p)
+
+    def forward(self, z, x):
+        return torch.tanh(self.drop(self.mix(z))) + x
+
+
+def test_variational_dropout_keeps_one_mask_per_forward():
+    torch.manual_seed(11)
+    layer = il.ImplicitLayer(_DroppedCell(6, 0.5), tol=1e-12, max_iter=200).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    mask = layer.f.drop.mask
+    assert mask is not None and set(mask.unique().tolist()) <= {0.0, 2.0}
+    # The solve converged, so the map was one map: z = f(z, x) with this forward's mask.
+    assert bool(layer.stats.converged.all())
+    torch.testing.assert_close(z, layer.f(z, x), rtol=1e-10, atol=1e-10)
+    # The IFT gradient is that of the fixed point of that map (autograd through a long loop, same mask).
+    (ours,) = torch.autograd.grad(z.sum(), x)
+    loop = torch.zeros_like(x)
+    for _ in range(300):
+        loop = layer.f(loop, x)
+    (reference,) = torch.autograd.grad(loop.sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-11)
+    layer(x)  # the next forward draws a new mask, without a manual reset
+    assert not torch.equal(layer.f.drop.mask, mask)
+    layer.eval()
+    torch.testing.assert_close(layer.f.drop(x), x)  # identity in eval mode
+    assert il.lipschitz_bound(layer.f.drop.train()) == 2.0
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        il.VariationalDropout(1.0)

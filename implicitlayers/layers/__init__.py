@@ -1,6 +1,14 @@
 """Implicit and invertible layers."""
 
-from .implicit import FixedPointModule, ImplicitLayer, fixed_point
+from .implicit import FixedPointModule, ImplicitLayer, VariationalDropout, fixed_point
 from .invertible import ACTIVATIONS, ImplicitMLP, InvertibleResidual
 
-__all__ = ["ACTIVATIONS", "FixedPointModule", "ImplicitLayer", "ImplicitMLP", "InvertibleResidual", "fixed_point"]
+__all__ = [
+    "ACTIVATIONS",
+    "FixedPointModule",
+    "ImplicitLayer",
+    "ImplicitMLP",
+    "InvertibleResidual",
+    "VariationalDropout",
+    "fixed_point",
+]
