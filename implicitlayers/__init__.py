@@ -12,7 +12,7 @@ from .flows import ActNorm, ResidualFlow
 from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
 from .jacobian import jacobian_penalty, spectral_radius
 from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual, VariationalDropout, fixed_point
-from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
+from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm, weight_norm
 from .logdet import LOGDET_ESTIMATORS, residual_logdet
 from .solvers import STATUS_NAMES, SolverResult, available_solvers, get_solver, register_solver, residual, solve
 
@@ -49,4 +49,5 @@ __all__ = [
     "solve",
     "spectral_norm",
     "spectral_radius",
+    "weight_norm",
 ]

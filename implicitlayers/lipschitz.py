@@ -18,7 +18,15 @@ from torch.nn.utils import parametrize
 
 from .errors import check_int_at_least
 
-__all__ = ["ACTIVATION_LIPSCHITZ", "LipSwish", "SoftSpectralNorm", "lipschitz_bound", "spectral_norm"]
+__all__ = [
+    "ACTIVATION_LIPSCHITZ",
+    "ConvSpectralNorm",
+    "LipSwish",
+    "SoftSpectralNorm",
+    "lipschitz_bound",
+    "spectral_norm",
+    "weight_norm",
+]
 
 # Lipschitz constants max |σ'(x)|, rounded up in the 5th decimal so they stay upper bounds.
 # GELU: Φ(x) + xφ(x) peaks at x = √2 (1.1289041...; the tanh approximation peaks at 1.1289931...);
@@ -158,6 +166,80 @@ class SoftSpectralNorm(nn.Module):
         return weight
 
 
+class ConvSpectralNorm(SoftSpectralNorm):
+    """:class:`SoftSpectralNorm` for a convolution: σ̂ is the norm of the convolution *operator*.
+
+    A convolution is a linear map from ``(C_in, *input_shape)`` to ``(C_out, *output_shape)``; its
+    operator norm, not the norm of the reshaped kernel, is the Lipschitz constant. The power
+    iteration runs on that operator (the convolution and its adjoint, at the given input shape, with
+    the module's stride, padding, dilation and groups), so the normalised convolution's operator norm
+    is at most ``coeff`` at that input size. ``u`` and ``v`` are an output and an input feature map.
+    """
+
+    def __init__(
+        self, weight: Tensor, conv: nn.Module, input_shape: tuple[int, ...], coeff: float, n_power_iterations: int
+    ) -> None:
+        nn.Module.__init__(self)
+        if not coeff > 0:
+            raise ValueError(f"coeff must be > 0, got {coeff!r}")
+        check_int_at_least("n_power_iterations", n_power_iterations)
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"spectral_norm supports zero padding only, got padding_mode={conv.padding_mode!r}")
+        dims = weight.dim() - 2
+        if len(input_shape) != dims + 1 or input_shape[0] != conv.in_channels or min(input_shape) < 1:
+            raise ValueError(
+                f"input_shape must be (C_in, *spatial) with C_in = {conv.in_channels} and {dims} spatial size(s), "
+                f"got {tuple(input_shape)}"
+            )
+        self.coeff = float(coeff)
+        self.n_power_iterations = n_power_iterations
+        self.input_shape = tuple(input_shape)
+        self.conv_options = {
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+        }
+        self._conv = F.conv1d if dims == 1 else F.conv2d
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(1, *self.input_shape, generator=generator, dtype=torch.float32).to(weight)
+        with torch.no_grad():
+            u = self._convolve(weight.detach(), v)
+        self.register_buffer("v", v / v.norm())
+        self.register_buffer("u", u / u.norm().clamp_min(1e-12))
+        self.refine_(weight)
+
+    def _convolve(self, weight: Tensor, v: Tensor) -> Tensor:
+        return self._conv(v, weight, **self.conv_options)
+
+    def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+        _, pull = torch.func.vjp(lambda v: self._convolve(weight, v), self.v)
+        return pull(u)[0]
+
+    @torch.no_grad()
+    def refine_(self, weight: Tensor) -> None:
+        """Converges u, v for ``weight`` (200 power-iteration steps: no SVD of an operator)."""
+        if weight.device.type != "meta":
+            self._power_iterate(weight.detach(), 200)
+
+    @torch.no_grad()
+    def _power_iterate(self, weight: Tensor, iterations: int) -> None:
+        if weight.device.type == "meta":
+            return
+        u, v = self.u, self.v
+        for _ in range(iterations):
+            v = self._adjoint(weight, u)
+            v = v / v.norm().clamp_min(1e-12)
+            u = self._convolve(weight, v)
+            u = u / u.norm().clamp_min(1e-12)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        """σ̂ = ⟨u, conv(v)⟩, differentiable in ``weight``."""
+        return (self.u * self._convolve(weight, self.v)).sum()
+
+
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     if device_type == "meta":  # autocast knows no meta device; shapes are all that is computed there
         return contextlib.nullcontext()
@@ -165,7 +247,11 @@ def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def spectral_norm(
-    module: nn.Module, coeff: float = 0.9, n_power_iterations: int = 1, name: str = "weight"
+    module: nn.Module,
+    coeff: float = 0.9,
+    n_power_iterations: int = 1,
+    name: str = "weight",
+    input_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Constrains ``module.<name>`` to spectral norm at most ``coeff`` (soft normalisation).
 
@@ -174,10 +260,14 @@ def spectral_norm(
     ``module.parametrizations.<name>.0.u`` / ``.v``; state dicts round-trip.
 
     Args:
-        module: A module with a 2-D weight, typically :class:`torch.nn.Linear`.
-        coeff: Upper bound on the normalised weight's spectral norm (> 0).
+        module: A module with a 2-D weight, typically :class:`torch.nn.Linear`, or a
+            :class:`torch.nn.Conv1d` / :class:`torch.nn.Conv2d` (then ``input_shape`` is required).
+        coeff: Upper bound on the normalised weight's spectral norm (> 0): for a convolution, on the
+            operator norm of the convolution at ``input_shape``.
         n_power_iterations: Power-iteration steps per training-mode forward (>= 1).
         name: The parameter to normalise.
+        input_shape: For a convolution, the input's ``(C_in, L)`` or ``(C_in, H, W)``
+            (:class:`ConvSpectralNorm`).
 
     Returns:
         The same module, parametrised in place.
@@ -185,8 +275,29 @@ def spectral_norm(
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"module {type(module).__name__} has no tensor attribute {name!r} to normalise")
-    parametrize.register_parametrization(module, name, SoftSpectralNorm(weight, coeff, n_power_iterations))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if input_shape is None:
+            raise ValueError(
+                f"spectral_norm of a {type(module).__name__} needs input_shape=(C_in, *spatial): the operator "
+                "norm of a convolution depends on the size of its input"
+            )
+        parametrization: SoftSpectralNorm = ConvSpectralNorm(weight, module, input_shape, coeff, n_power_iterations)
+    else:
+        parametrization = SoftSpectralNorm(weight, coeff, n_power_iterations)
+    parametrize.register_parametrization(module, name, parametrization)
     return module
+
+
+def weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:
+    """Weight normalisation w = g · v / ||v|| (Salimans & Kingma 2016), as TorchDEQ's ``apply_norm`` offers.
+
+    PyTorch's own parametrisation (:func:`torch.nn.utils.parametrizations.weight_norm`); like the
+    spectral norm, layers compute it once per forward and pass it to every evaluation of f.
+
+    Returns:
+        The same module, parametrised in place.
+    """
+    return torch.nn.utils.parametrizations.weight_norm(module, name=name, dim=dim)
 
 
 def soft_spectral_norm_of(module: nn.Module, name: str = "weight") -> SoftSpectralNorm | None:
@@ -204,7 +315,8 @@ def lipschitz_bound(module: nn.Module | Callable) -> float:
 
     The bound holds for every weight the normalisation allows: a spectrally normalised linear layer
     counts ``coeff`` (exact up to the power-iteration estimate of σ), any other linear layer its current
-    spectral norm, activations their exact constants (:data:`ACTIVATION_LIPSCHITZ`), dropout
+    spectral norm, a convolution its normalised ``coeff`` or else √(kernel size) times its kernel's
+    matrix norm, activations their exact constants (:data:`ACTIVATION_LIPSCHITZ`), dropout
     1/(1-p) in training mode; a :class:`torch.nn.Sequential` multiplies its children's bounds. A
     module may also define its own ``lipschitz_bound()`` method. Anything else gives ``inf``.
 
@@ -225,6 +337,15 @@ def lipschitz_bound(module: nn.Module | Callable) -> float:
             return normalised.coeff
         with torch.no_grad():
             return float(torch.linalg.matrix_norm(module.weight.float(), ord=2))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        normalised = soft_spectral_norm_of(module)
+        if normalised is not None:
+            return normalised.coeff
+        # Without an input size: each input element feeds at most prod(kernel) outputs, so the
+        # operator norm is at most sqrt(prod(kernel)) times that of the kernel as a matrix.
+        with torch.no_grad():
+            matrix = module.weight.float().reshape(module.weight.shape[0], -1)
+            return math.sqrt(math.prod(module.kernel_size)) * float(torch.linalg.matrix_norm(matrix, ord=2))
     if isinstance(module, nn.ELU):  # slope 1 above 0, α·eˣ below: |α| at most, whatever α's sign
         return max(1.0, abs(float(module.alpha)))
     if isinstance(module, nn.GELU) and module.approximate == "tanh":

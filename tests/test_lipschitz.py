@@ -105,8 +105,12 @@ def test_state_dict_round_trips_and_names_its_buffers():
 def test_bad_spectral_norm_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         il.spectral_norm(nn.Linear(3, 3), **kwargs)
-    with pytest.raises(ValueError, match="2-D weight"):
+    with pytest.raises(ValueError, match="needs input_shape"):
         il.spectral_norm(nn.Conv1d(2, 2, 3))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        il.spectral_norm(nn.Conv2d(2, 2, 3), input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="2-D weight"):
+        il.spectral_norm(nn.Bilinear(2, 2, 2))
 
 
 def test_bounds_of_known_modules():
@@ -187,3 +191,59 @@ def test_a_training_mode_forward_under_a_weight_transform_says_what_to_do():
         torch.func.grad(loss)(params)
     layer.eval()  # no power iteration: the transform runs
     assert torch.func.grad(loss)(params)["parametrizations.weight.original"].shape == (3, 3)
+
+
+def operator_norm(conv: nn.Module, input_shape) -> float:
+    """The exact operator norm of a convolution at an input shape: the largest singular value of its matrix."""
+    x = torch.zeros(1, *input_shape, dtype=torch.float64)
+    matrix = torch.autograd.functional.jacobian(lambda v: conv.double()(v), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+@given(
+    dims=st.sampled_from([1, 2]),
+    channels=st.integers(1, 4),
+    out_channels=st.integers(1, 4),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 1),
+    size=st.integers(3, 6),
+    coeff=st.floats(0.3, 1.2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_convolutions_are_normalised_as_operators(
+    dims, channels, out_channels, kernel, stride, padding, size, coeff, seed
+):
+    torch.manual_seed(seed)
+    conv_type = nn.Conv1d if dims == 1 else nn.Conv2d
+    conv = conv_type(channels, out_channels, kernel, stride=stride, padding=padding)
+    with torch.no_grad():
+        conv.weight.mul_(5.0)  # a norm above coeff, so the normalisation binds
+    input_shape = (channels, *([size] * dims))
+    raw = operator_norm(conv, input_shape)
+    assert il.lipschitz_bound(conv) >= raw * (1 - 1e-6)  # the shape-free bound holds at any size
+    il.spectral_norm(conv, coeff=coeff, input_shape=input_shape).double().eval()
+    assert il.lipschitz_bound(conv) == coeff
+    assert operator_norm(conv, input_shape) <= max(coeff, 0.0) * (1 + 1e-3) + 1e-9
+    if raw > coeff * 1.01:  # a binding normalisation lands on coeff, not below it
+        assert operator_norm(conv, input_shape) >= coeff * (1 - 1e-2)
+
+
+def test_weight_norm_is_pytorchs_parametrisation_and_trains_in_a_layer():
+    torch.manual_seed(12)
+    linear = il.weight_norm(nn.Linear(4, 4))
+    assert hasattr(linear.parametrizations.weight, "original0")
+    with torch.no_grad():
+        linear.parametrizations.weight.original0.fill_(0.5)  # ||W|| small: a contraction
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, z, x):
+            return torch.tanh(0.5 * self.linear(z)) + x
+
+    layer = il.ImplicitLayer(Cell(), tol=1e-6)
+    layer(torch.randn(3, 4)).sum().backward()
+    assert linear.parametrizations.weight.original0.grad is not None
