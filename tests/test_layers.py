@@ -380,3 +380,23 @@ def test_variational_dropout_keeps_one_mask_per_forward():
     assert il.lipschitz_bound(layer.f.drop.train()) == 2.0
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
         il.VariationalDropout(1.0)
+
+
+def test_correction_states_follow_the_solve_with_one_step_gradients():
+    torch.manual_seed(13)
+    cell = _DroppedCell(6, 0.0)
+    layer = il.ImplicitLayer(cell, solver="picard", tol=1e-10, max_iter=100, correction_states=3).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    z = layer(x)
+    states = layer.correction_states
+    assert len(states) == 3 and all(state.shape == z.shape and state.grad_fn is not None for state in states)
+    distances = [float((state - z).norm()) for state in states]
+    assert distances[0] > distances[1] > distances[2] and distances[2] < 1e-8  # along the trajectory
+    # Each state is f(z_i) differentiated with z_i held constant: its x-gradient is one step's, ∂f/∂x = I.
+    (grad,) = torch.autograd.grad(states[0].sum(), x)
+    torch.testing.assert_close(grad, torch.ones_like(x))
+    layer.eval()
+    layer(x)
+    assert layer.correction_states is None  # training only
+    with pytest.raises(ValueError, match="correction_states"):
+        il.ImplicitLayer(cell, correction_states=-1)

@@ -103,11 +103,16 @@ class FixedPointModule(nn.Module):
             the caller to add to the loss; 0 (default) computes nothing.
         spectral_radius_iters: Power-iteration steps of ρ(J_f(z*)) per forward, recorded in
             ``stats.spectral_radius`` (shape ``(B,)``); 0 (default) computes nothing.
+        correction_states: k > 0 keeps, in each training forward, k iterates of the solve evenly
+            spaced along its trajectory, as f(z_i) with a one-step (phantom-style) gradient, in
+            ``correction_states`` (oldest first): the states of the fixed-point correction loss of
+            Bai et al. (2022), "Deep Equilibrium Optical Flow Estimation".
 
     Attributes:
         stats: The last forward's :class:`~implicitlayers.SolverResult`, detached.
         backward_stats: The last adjoint solve's :class:`~implicitlayers.SolverResult`, detached.
         jacobian_loss: The last training forward's Jacobian penalty (with ``jacobian_penalty`` > 0).
+        correction_states: The last training forward's correction states (with ``correction_states`` > 0).
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class FixedPointModule(nn.Module):
         warm_start: bool = False,
         jacobian_penalty: int = 0,
         spectral_radius_iters: int = 0,
+        correction_states: int = 0,
     ) -> None:
         super().__init__()
         get_solver(solver)
@@ -149,6 +155,7 @@ class FixedPointModule(nn.Module):
         if not isinstance(warm_start, bool):
             raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
         check_int_at_least("jacobian_penalty", jacobian_penalty, 0)
+        check_int_at_least("correction_states", correction_states, 0)
         if spectral_radius_iters != 0:
             check_int_at_least("spectral_radius_iters", spectral_radius_iters, 2)
         check_int_at_least("phantom_steps", phantom_steps)
@@ -175,6 +182,8 @@ class FixedPointModule(nn.Module):
         self.warm_start = warm_start
         self.jacobian_penalty = jacobian_penalty
         self.spectral_radius_iters = spectral_radius_iters
+        self.correction_states_count = correction_states
+        self.correction_states: list[Any] | None = None
         self.stats: SolverResult | None = None
         self.backward_stats: SolverResult | None = None
         self.jacobian_loss: Tensor | None = None
@@ -210,8 +219,12 @@ class FixedPointModule(nn.Module):
         if not isinstance(z0, Tensor):
             packing = _Packing(z0)
             out = self.fixed_point(lambda z, x: packing.pack(f(packing.unpack(z), x)), packing.pack(z0), x)
+            if self.correction_states is not None:
+                self.correction_states = [packing.unpack(state) for state in self.correction_states]
             return packing.unpack(out)
-        function = ModuleFunction(self, f)
+        record = self.correction_states_count > 0 and self.training and torch.is_grad_enabled()
+        recorder = _IterateRecorder(f, record and not is_transformed(x))
+        function = ModuleFunction(self, recorder)
         tensors = function.tensors()
         z0 = self._start(z0)
         options = {"per_sample": (True,) + (False,) * len(tensors), "forward": self._forward_config()}
@@ -236,9 +249,20 @@ class FixedPointModule(nn.Module):
             z_star = stop_gradient_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
             steps, damping = self.phantom_steps, self.phantom_damping
             z = function.bind((x, *tensors), lambda bound: phantom_steps(bound, z_star, steps=steps, damping=damping))
+        iterates = recorder.stop()
         z = z.to(z0.dtype)
         self._diagnose(function, x, tensors, z)
+        self.correction_states = self._correction_states(function, x, tensors, iterates, z0.dtype)
         return z
+
+    def _correction_states(self, function, x, tensors, iterates: list[Tensor] | None, dtype) -> list[Tensor] | None:
+        """f(z_i) for k iterates evenly spaced along the solve, each differentiated as one step from z_i."""
+        if not iterates:
+            return None
+        count = min(self.correction_states_count, len(iterates))
+        chosen = [iterates[round(i * (len(iterates) - 1) / max(count - 1, 1))] for i in range(count)]
+        states = function.bind((x, *tensors), lambda bound: [bound(z.to(dtype)) for z in chosen])
+        return [state.to(dtype) for state in states]
 
     def _start(self, z0: Tensor) -> Tensor:
         """The warm start (the previous output) where asked for and shaped like ``z0``; else ``z0``."""
@@ -406,6 +430,23 @@ class ImplicitLayer(FixedPointModule):
     def forward(self, x: Tensor) -> Tensor:
         z0 = initial_guess(self.z_init, x)
         return self.fixed_point(self.f, z0, x)
+
+
+class _IterateRecorder:
+    """f(z, x) that keeps the z of every evaluation while recording (the solver's trajectory)."""
+
+    def __init__(self, f: Callable[[Any, Tensor], Any], record: bool) -> None:
+        self.f = f
+        self.iterates: list[Tensor] | None = [] if record else None
+
+    def __call__(self, z: Tensor, x: Tensor) -> Any:
+        if self.iterates is not None:
+            self.iterates.append(z.detach())
+        return self.f(z, x)
+
+    def stop(self) -> list[Tensor] | None:
+        iterates, self.iterates = self.iterates, None
+        return iterates
 
 
 class _Packing:
