@@ -129,20 +129,28 @@ class SoftSpectralNorm(nn.Module):
         right_residual = float(torch.linalg.vector_norm(w.t() @ u - sigma * v))
         return left_residual <= tolerance and right_residual <= tolerance
 
+    def _operator(self, weight: Tensor, v: Tensor) -> Tensor:
+        """The linear map whose norm is normalised, applied to ``v``: here W v."""
+        return torch.mv(weight, v)
+
+    def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
+        """Its adjoint applied to ``u``: here Wᵀ u."""
+        return torch.mv(weight.t(), u)
+
     @torch.no_grad()
     def _power_iterate(self, weight: Tensor, iterations: int) -> None:
         if weight.device.type == "meta":
             return
         u, v = self.u, self.v
         for _ in range(iterations):
-            v = F.normalize(weight.t() @ u, dim=0, eps=1e-12)
-            u = F.normalize(weight @ v, dim=0, eps=1e-12)
+            v = _unit(self._adjoint(weight, u))
+            u = _unit(self._operator(weight, v))
         self.u.copy_(u)
         self.v.copy_(v)
 
     def sigma(self, weight: Tensor) -> Tensor:
-        """The current estimate σ̂ = uᵀWv of the spectral norm (differentiable in ``weight``)."""
-        return torch.dot(self.u, torch.mv(weight, self.v))
+        """The current estimate σ̂ = ⟨u, W v⟩ of the operator norm (differentiable in ``weight``)."""
+        return (self.u * self._operator(weight, self.v)).sum()
 
     def forward(self, weight: Tensor) -> Tensor:
         # Power iteration and σ̂ in the weight's own precision, never autocast to bf16.
@@ -204,16 +212,16 @@ class ConvSpectralNorm(SoftSpectralNorm):
         generator = torch.Generator(device="cpu").manual_seed(0)
         v = torch.randn(1, *self.input_shape, generator=generator, dtype=torch.float32).to(weight)
         with torch.no_grad():
-            u = self._convolve(weight.detach(), v)
-        self.register_buffer("v", v / v.norm())
-        self.register_buffer("u", u / u.norm().clamp_min(1e-12))
+            u = self._operator(weight.detach(), v)
+        self.register_buffer("v", _unit(v))
+        self.register_buffer("u", _unit(u))
         self.refine_(weight)
 
-    def _convolve(self, weight: Tensor, v: Tensor) -> Tensor:
+    def _operator(self, weight: Tensor, v: Tensor) -> Tensor:
         return self._conv(v, weight, **self.conv_options)
 
     def _adjoint(self, weight: Tensor, u: Tensor) -> Tensor:
-        _, pull = torch.func.vjp(lambda v: self._convolve(weight, v), self.v)
+        _, pull = torch.func.vjp(lambda v: self._operator(weight, v), self.v)
         return pull(u)[0]
 
     @torch.no_grad()
@@ -222,22 +230,10 @@ class ConvSpectralNorm(SoftSpectralNorm):
         if weight.device.type != "meta":
             self._power_iterate(weight.detach(), 200)
 
-    @torch.no_grad()
-    def _power_iterate(self, weight: Tensor, iterations: int) -> None:
-        if weight.device.type == "meta":
-            return
-        u, v = self.u, self.v
-        for _ in range(iterations):
-            v = self._adjoint(weight, u)
-            v = v / v.norm().clamp_min(1e-12)
-            u = self._convolve(weight, v)
-            u = u / u.norm().clamp_min(1e-12)
-        self.u.copy_(u)
-        self.v.copy_(v)
 
-    def sigma(self, weight: Tensor) -> Tensor:
-        """σ̂ = ⟨u, conv(v)⟩, differentiable in ``weight``."""
-        return (self.u * self._convolve(weight, self.v)).sum()
+def _unit(t: Tensor) -> Tensor:
+    """``t`` scaled to unit 2-norm (over all its elements)."""
+    return t / torch.linalg.vector_norm(t).clamp_min(1e-12)
 
 
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
