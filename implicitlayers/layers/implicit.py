@@ -300,10 +300,15 @@ class FixedPointModule(nn.Module):
         config = self._forward_config()
         return unrolled_picard(f, z0, max_iter=config.max_iter, tol=config.tol, stop_mode=self.stop_mode)
 
+    def _budget(self, direction: str = "forward") -> tuple[int, float]:
+        """``(max_iter, tol)`` of a solve: training or eval forward budget, or the adjoint's."""
+        if direction != "forward":
+            return self.backward_max_iter, self.backward_tol
+        return (self.max_iter, self.tol) if self.training else (self.eval_max_iter, self.eval_tol)
+
     def _forward_config(self) -> SolveConfig:
         """Training mode solves with ``max_iter``/``tol``; eval mode with ``eval_max_iter``/``eval_tol``."""
-        max_iter, tol = (self.max_iter, self.tol) if self.training else (self.eval_max_iter, self.eval_tol)
-        return SolveConfig(self.solver, max_iter, tol, self.stop_mode, self.solver_options)
+        return SolveConfig(self.solver, *self._budget(), self.stop_mode, self.solver_options)
 
     def _adjoint_config(self) -> SolveConfig:
         options = self.solver_options if self.backward_solver == self.solver else {}
@@ -319,7 +324,7 @@ class FixedPointModule(nn.Module):
 
     def _report(self, result: SolverResult, direction: str) -> None:
         # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
-        tol = self._forward_config().tol if direction == "forward" else self.backward_tol
+        max_iter, tol = self._budget(direction)
         if self.on_nonconvergence == "ignore" or tol == 0 or bool(result.converged.all()):
             return
         unconverged = float((~result.converged).float().mean())
@@ -329,7 +334,7 @@ class FixedPointModule(nn.Module):
         message = (
             f"{type(self).__name__} {direction} solve did not converge for {unconverged:.1%} of samples "
             f"({reasons}; max residual {float(result.residual.max()):.3g} > tol {tol:g}, "
-            f"max_iter {self._forward_config().max_iter if direction == 'forward' else self.backward_max_iter}); "
+            f"max_iter {max_iter}); "
             "raise max_iter, try solver='broyden' or 'anderson', or lower the Lipschitz constant of f"
         )
         if self.on_nonconvergence == "raise":
@@ -378,7 +383,7 @@ class ImplicitLayer(FixedPointModule):
         stop_mode: ``"rel"`` or ``"abs"`` residual.
         solver_options: Extra solver settings, e.g. ``{"memory": 8}``.
         **options: The training aids of :class:`FixedPointModule`: ``eval_max_iter``, ``eval_tol``,
-            ``warm_start``, ``jacobian_penalty``, ``spectral_radius_iters``.
+            ``warm_start``, ``jacobian_penalty``, ``spectral_radius_iters``, ``correction_states``.
 
     Attributes:
         stats: The last forward's :class:`SolverResult`, detached.
