@@ -84,9 +84,7 @@ class SoftSpectralNorm(nn.Module):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"spectral_norm expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
-        if not coeff > 0:
-            raise ValueError(f"coeff must be > 0, got {coeff!r}")
-        check_int_at_least("n_power_iterations", n_power_iterations)
+        _check_settings(coeff, n_power_iterations)
         self.coeff = float(coeff)
         self.n_power_iterations = n_power_iterations
         out_features, in_features = weight.shape
@@ -188,9 +186,7 @@ class ConvSpectralNorm(SoftSpectralNorm):
         self, weight: Tensor, conv: nn.Module, input_shape: tuple[int, ...], coeff: float, n_power_iterations: int
     ) -> None:
         nn.Module.__init__(self)
-        if not coeff > 0:
-            raise ValueError(f"coeff must be > 0, got {coeff!r}")
-        check_int_at_least("n_power_iterations", n_power_iterations)
+        _check_settings(coeff, n_power_iterations)
         if getattr(conv, "padding_mode", "zeros") != "zeros":
             raise ValueError(f"spectral_norm supports zero padding only, got padding_mode={conv.padding_mode!r}")
         dims = weight.dim() - 2
@@ -229,6 +225,12 @@ class ConvSpectralNorm(SoftSpectralNorm):
         """Converges u, v for ``weight`` (200 power-iteration steps: no SVD of an operator)."""
         if weight.device.type != "meta":
             self._power_iterate(weight.detach(), 200)
+
+
+def _check_settings(coeff: float, n_power_iterations: int) -> None:
+    if not coeff > 0:
+        raise ValueError(f"coeff must be > 0, got {coeff!r}")
+    check_int_at_least("n_power_iterations", n_power_iterations)
 
 
 def _unit(t: Tensor) -> Tensor:
