@@ -69,8 +69,8 @@ import torch
 from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "imixer"))
-import model as imixer_model  # noqa: E402  (registers the imixer_* / mixer_t* timm models)
+sys.path.insert(0, str(REPO))
+from examples.imixer import imixer as imixer_model  # noqa: E402  (registers the imixer_* / mixer_t* timm models)
 
 SOLVERS = ["broyden", "anderson", "picard"]
 BACKWARDS = ["ift", "phantom", "jfb"]

@@ -79,12 +79,11 @@ class Problem:
 
 # ------------------------------------------------------------------------------------ problems
 def _imixer_module() -> Any:
-    path = str(REPO / "examples" / "imixer")
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    import model  # registers the imixer_* models with timm
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from examples.imixer import imixer  # registers the imixer_* models with timm
 
-    return model
+    return imixer
 
 
 def _token_mixer_problem(net: torch.nn.Module, images: Tensor, block: int, rows: int | None) -> tuple[Any, Tensor]:

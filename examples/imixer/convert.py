@@ -21,10 +21,11 @@ import timm
 import torch
 from timm.utils import ParseKwargs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-import model as imixer_model
-from train import OneLineArgumentParser, UsageError, atomic_write
+from examples.imixer import imixer as imixer_model
+from examples.imixer.train import OneLineArgumentParser, UsageError, atomic_write
 
 
 def convert(

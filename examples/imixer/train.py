@@ -45,12 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import data
-import model as imixer_model  # noqa: F401  (registers the imixer_* and mixer_t* models in timm)
+if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import implicitlayers as il
+from examples.imixer import data
+from examples.imixer import imixer as imixer_model  # noqa: F401  (registers imixer_* and mixer_t* in timm)
 
 IMPLICIT_FLAGS = {
     "solver": "solver",

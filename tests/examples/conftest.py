@@ -1,8 +1,1 @@
-"""Makes examples/imixer importable as the top-level modules its scripts use (model, data, train)."""
-
-import sys
-from pathlib import Path
-
-IMIXER_DIR = Path(__file__).resolve().parents[2] / "examples" / "imixer"
-if str(IMIXER_DIR) not in sys.path:
-    sys.path.insert(0, str(IMIXER_DIR))
+"""The examples are imported as the package ``examples`` from the repository root (pytest's ``pythonpath``)."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import implicitlayers as il
 
-model = pytest.importorskip("model")  # examples/imixer/model.py (path set by conftest); registers in timm
+model = pytest.importorskip("examples.imixer.imixer")  # registers imixer_* and mixer_t* in timm
 
 IMIXER_NAMES = [f"imixer_{size}{patch}_224" for size in "sbl" for patch in (32, 16)] + ["imixer_t4_32", "imixer_t2_8"]
 MIXER_NAMES = ["mixer_t4_32", "mixer_t2_8"]
@@ -226,7 +226,7 @@ def test_solved_mode_approaches_the_converged_reference() -> None:
 def test_convert_script_writes_loadable_safetensors(tmp_path, capsys) -> None:
     import safetensors.torch
 
-    convert = pytest.importorskip("convert")
+    convert = pytest.importorskip("examples.imixer.convert")
     sd = reference_state_dict(2, 16, 16, 2, 10, seed=3)
     torch.save({"model": sd}, tmp_path / "reference.pth")
     target = tmp_path / "converted.safetensors"

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-train = pytest.importorskip("train")  # examples/imixer/train.py (path set by conftest)
+train = pytest.importorskip("examples.imixer.train")
 
 SCRIPT = Path(train.__file__).resolve()
 TINY = ["--model-kwargs", "embed_dim=8", "num_blocks=1", "--warmup-epochs", "0"]

@@ -1,0 +1,1 @@
+"""Examples built on implicitlayers; importable from the repository root (``from examples.imixer import imixer``)."""
