@@ -1,6 +1,6 @@
 """implicitlayers: implicit and invertible layers for PyTorch.
 
-Fixed-point solvers (:func:`solve`), gradient modes (IFT, phantom, JFB, unrolled), Lipschitz control
+Fixed-point solvers (:func:`solve`), gradient modes (IFT, phantom, JFB, unrolled, SHINE), Lipschitz control
 (:func:`spectral_norm`, :func:`lipschitz_bound`), the implicit-function primitive
 (:func:`implicit_fixed_point`, exact derivatives under every transform) and the layers built on it
 (:class:`ImplicitLayer`, :class:`InvertibleResidual`, :class:`ImplicitMLP`).
@@ -9,7 +9,7 @@ Fixed-point solvers (:func:`solve`), gradient modes (IFT, phantom, JFB, unrolled
 from .backward import GRADIENT_MODES
 from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
 from .flows import ActNorm, ResidualFlow
-from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point
+from .implicit_function import ModuleFunction, SolveConfig, implicit_fixed_point, shine_fixed_point
 from .jacobian import jacobian_penalty, spectral_radius
 from .layers import FixedPointModule, ImplicitLayer, ImplicitMLP, InvertibleResidual, VariationalDropout, fixed_point
 from .lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm, weight_norm
@@ -46,6 +46,7 @@ __all__ = [
     "register_solver",
     "residual",
     "residual_logdet",
+    "shine_fixed_point",
     "solve",
     "spectral_norm",
     "spectral_radius",

@@ -8,9 +8,13 @@ does not depend on the gradient mode, nor on train versus eval. Only the derivat
 | `ift` | exact: that of the true fixed point z*(x, θ), in every order and transform | an adjoint solve |
 | `phantom` | of k damped steps z ← (1 − λ) z + λ f(z) from z* held constant | k graphs of f |
 | `jfb` | of one undamped step f(z*) from z* held constant (phantom, k = 1, λ = 1) | one graph of f |
+| `shine` | first order only: IFT, adjoint read from the forward solver's memory | one graph (+ k adjoint steps) |
 | `unrolled` | of the recorded forward Picard iterations (its value is the last iterate) | one graph per step |
 
-`ift` goes through :func:`implicitlayers.implicit_fixed_point`. `phantom` and `jfb` solve with no
+`ift` goes through :func:`implicitlayers.implicit_fixed_point`, `shine` through
+:func:`implicitlayers.implicit_function.shine_fixed_point` (Ramzi et al., 2022: the Broyden or
+Anderson estimate of (I − J)⁻ᵀ, optionally refined by ``shine_refine`` adjoint iterations; double
+backward, forward mode and torch.func raise). `phantom` and `jfb` solve with no
 derivative (:func:`implicitlayers.implicit_function.stop_gradient_fixed_point`) and differentiate
 ordinary steps of f, so under every transform they mean what the table says: the truncated
 Neumann series of the IFT, in reverse mode, forward mode (t = J_x ẋ for JFB) and at every order.
@@ -28,10 +32,13 @@ from .implicit_function import is_transformed
 from .solvers import SolverResult
 from .solvers.base import measure
 
-__all__ = ["GRADIENT_MODES", "phantom_steps", "unrolled_picard"]
+__all__ = ["GRADIENT_MODES", "SHINE_SOLVERS", "phantom_steps", "unrolled_picard"]
 
-GRADIENT_MODES = ("ift", "phantom", "jfb", "unrolled")
+GRADIENT_MODES = ("ift", "phantom", "jfb", "unrolled", "shine")
 """The accepted values of the layers' ``backward=`` argument."""
+
+SHINE_SOLVERS = ("anderson", "broyden")
+"""Built-in solvers whose memory gives ``backward="shine"`` its adjoint estimate."""
 
 
 def _with_value(value: Tensor, carrier: Tensor) -> Tensor:

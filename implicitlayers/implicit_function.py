@@ -26,6 +26,7 @@ hand-written IFT hook costs: no extra evaluation of f.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .errors import check_int_at_least
 from .solvers import SolverResult, get_solver, solve, validate_solve_args
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "implicit_fixed_point",
     "is_transformed",
     "jacobian_free_fixed_point",
+    "shine_fixed_point",
     "stop_gradient_fixed_point",
 ]
 
@@ -209,7 +212,9 @@ class _Problem:
         self.per_sample = per_sample
         self.forward = forward
         self.adjoint = adjoint
-        self.derivative = derivative  # "ift", "jfb" (z* held constant) or "none" (returns the iterate)
+        # "ift", "shine" (first order, adjoint from the solver's memory), "jfb" (z* held constant) or
+        # "none" (returns the iterate)
+        self.derivative = derivative
         self.on_forward = on_forward
         self.on_backward = on_backward
         self.record_graph = record_graph
@@ -218,6 +223,8 @@ class _Problem:
         self.graph: tuple[Tensor, list[Tensor | None], Tensor] | None = None
         self.captures = False
         self.z_best: Tensor | None = None
+        self.estimate: Callable[[Tensor], Tensor] | None = None  # SHINE: g ↦ ≈ (I - J)⁻ᵀ g
+        self.shine_refine = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +334,11 @@ def _second_order_jvp(product: Callable[..., Tensor], z: Tensor, inputs, z_tange
 # ---------------------------------------------------------------------------------------------
 
 
-def _solve_linear(problem: _Problem, apply: Callable[[Tensor], Tensor], rhs: Tensor) -> Tensor:
-    """Solves u = rhs + M u with the adjoint config; returns the image rhs + M u* of the best iterate."""
+def _solve_linear(
+    problem: _Problem, apply: Callable[[Tensor], Tensor], rhs: Tensor, start: Tensor | None = None
+) -> Tensor:
+    """Solves u = rhs + M u with the adjoint config, from ``start`` (default ``rhs``); returns the image
+    rhs + M u* of the best iterate."""
     latest: dict[str, Tensor] = {}
 
     def linear_map(u: Tensor) -> Tensor:
@@ -336,7 +346,7 @@ def _solve_linear(problem: _Problem, apply: Callable[[Tensor], Tensor], rhs: Ten
         latest["u"], latest["image"] = u, image
         return image
 
-    result = problem.adjoint.run(linear_map, rhs)
+    result = problem.adjoint.run(linear_map, rhs if start is None else start.to(rhs.dtype))
     if problem.on_backward is not None:
         problem.on_backward(result.detach())
     # As in the forward, the image of the best iterate is one step closer to the solution.
@@ -359,12 +369,17 @@ def _adjoint_solution(problem: _Problem, z: Tensor, g: Tensor, inputs: Sequence[
 def _adjoint_from_graph(problem: _Problem, z_leaf: Tensor, fz: Tensor, g: Tensor) -> Tensor:
     if not fz.requires_grad:  # f does not depend on z: J = 0 (a copy: a Function may not return its input)
         return g.clone()
+    start = None
+    if problem.derivative == "shine":
+        start = problem.estimate(g)
+        if problem.shine_refine == 0:  # no refinement: the estimate is the adjoint
+            return start
 
     def transposed(u: Tensor) -> Tensor:
         (vjp,) = torch.autograd.grad(fz, z_leaf, u.to(fz.dtype), retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if vjp is None else vjp
 
-    return _solve_linear(problem, transposed, g)
+    return _solve_linear(problem, transposed, g, start)
 
 
 def _tangent_solution(problem: _Problem, z: Tensor, b: Tensor, inputs: Sequence[Tensor]) -> Tensor:
@@ -496,6 +511,8 @@ class _FixedPoint(torch.autograd.Function):
         if problem.derivative == "none":
             return (None, None, *[None] * len(needed))
         z, *inputs = ctx.saved_tensors
+        if problem.derivative == "shine" and (torch.is_grad_enabled() or is_transformed(grad)):
+            raise RuntimeError(_SHINE_FIRST_ORDER_MESSAGE)
         if not torch.is_grad_enabled() and not is_transformed(grad):
             # First order, plain autograd: through the forward's recorded graph (which serves one
             # backward), or a graph recorded the same way, so that repeated backwards agree bitwise.
@@ -513,6 +530,8 @@ class _FixedPoint(torch.autograd.Function):
         z, *inputs = ctx.saved_tensors
         if problem.derivative == "none":
             return torch.zeros_like(z)  # z here is the iterate, the output
+        if problem.derivative == "shine":
+            raise RuntimeError(_SHINE_FIRST_ORDER_MESSAGE)
         if problem.derivative == "jfb":
             return _jvp_inputs(problem.f, z.detach(), inputs, input_tangents)
         b = _jvp_inputs(problem.f, z, inputs, input_tangents)
@@ -636,6 +655,13 @@ def _forward_solve(
     if problem.record_graph and fz.requires_grad:
         problem.graph = (z_leaf, leaves, fz)
     problem.z_best = z_leaf.detach()
+    if problem.derivative == "shine":
+        if result.adjoint_estimate is None:
+            raise ValueError(
+                f"backward='shine' reuses the forward solver's quasi-Newton memory, and solver "
+                f"{problem.forward.solver!r} keeps none: use solver='anderson' or 'broyden'"
+            )
+        problem.estimate = result.adjoint_estimate
     if problem.on_forward is not None:
         problem.on_forward(result.detach())
     # A stop-gradient solve returns the iterate itself: the caller differentiates steps from it.
@@ -710,7 +736,7 @@ def _record_graph(problem: _Problem, z: Tensor, inputs: Sequence[Tensor]):
 def _backward_through_graph(problem: _Problem, graph, grad: Tensor, needed: Sequence[bool]) -> list[Tensor | None]:
     """First-order IFT through the forward's recorded graph: adjoint solve, then one VJP."""
     z_leaf, leaves, fz = graph
-    u = _adjoint_from_graph(problem, z_leaf, fz, grad) if problem.derivative == "ift" else grad
+    u = grad if problem.derivative == "jfb" else _adjoint_from_graph(problem, z_leaf, fz, grad)
     wanted = [i for i, (leaf, need) in enumerate(zip(leaves, needed, strict=True)) if need and leaf.requires_grad]
     grads: list[Tensor | None] = [None] * len(needed)
     if wanted and fz.requires_grad:
@@ -783,6 +809,60 @@ def implicit_fixed_point(
     if problem.captures:
         out = _captured_ift(problem, out, inputs)
     return out
+
+
+def shine_fixed_point(
+    f: PureFunction,
+    z0: Tensor,
+    *inputs: Tensor,
+    per_sample: Sequence[bool] | None = None,
+    forward: SolveConfig | None = None,
+    refine: int = 0,
+    adjoint: SolveConfig | None = None,
+    on_forward: Callable[[SolverResult], None] | None = None,
+    on_backward: Callable[[SolverResult], None] | None = None,
+) -> Tensor:
+    """f(z*) for z = f(z, *inputs), with SHINE gradients (Ramzi et al., 2022): first order only.
+
+    The adjoint u = (I - J_z)⁻ᵀ v of the IFT is not solved for but read from the forward solver's
+    quasi-Newton memory (``forward.solver`` must be ``"broyden"`` or ``"anderson"``; see
+    ``SolverResult.adjoint_estimate``), then optionally refined by at most ``refine`` iterations of
+    the adjoint equation u = v + J_zᵀ u started there. The gradient is (∂f/∂inputs)ᵀ u: approximate, exact on the
+    directions the solver explored, and as cheap as JFB's without refinement.
+
+    It is a first-order reverse-mode gradient (``loss.backward()``, ``torch.autograd.grad``):
+    ``create_graph=True``, forward mode and :mod:`torch.func` raise ``RuntimeError``.
+
+    Args:
+        f, z0, inputs, per_sample, forward, on_forward: As in :func:`implicit_fixed_point`.
+        refine: Iterations of the adjoint solve that refines the estimate (>= 0; 0: none). The
+            refinement stops early where ``adjoint.tol`` is met.
+        adjoint: Solver, tolerance and options of the refinement (its ``max_iter`` is ``refine``);
+            defaults to ``forward``.
+        on_backward: Called with each refinement's detached :class:`SolverResult`.
+
+    Returns:
+        f(z*), shape and dtype of f's output.
+    """
+    from torch.autograd import forward_ad
+
+    if is_transformed(z0, *inputs) or forward_ad._current_level >= 0:
+        raise RuntimeError(_SHINE_FIRST_ORDER_MESSAGE)
+    check_int_at_least("refine", refine, 0)
+    forward = forward or SolveConfig()
+    adjoint = dataclasses.replace(adjoint or forward, max_iter=max(refine, 1))
+    problem = _make_problem(f, z0, inputs, per_sample, forward, adjoint, "shine", on_forward, on_backward)
+    problem.shine_refine = refine
+    out = _FixedPoint.apply(problem, z0, *inputs)
+    if problem.captures:
+        out = _captured_ift(problem, out, inputs)
+    return out
+
+
+_SHINE_FIRST_ORDER_MESSAGE = (
+    "backward='shine' gives first-order reverse-mode gradients only (loss.backward(), torch.autograd.grad "
+    "without create_graph); use backward='ift' for higher orders, forward mode and torch.func transforms"
+)
 
 
 def jacobian_free_fixed_point(

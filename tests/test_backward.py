@@ -115,7 +115,7 @@ def test_output_value_does_not_depend_on_the_gradient_mode():
     torch.manual_seed(1)
     cell = Cell(6, "tanh", 0.7)
     x = torch.randn(4, 6, requires_grad=True)
-    outputs = [il.ImplicitLayer(cell, tol=1e-5, backward=mode)(x) for mode in ("ift", "phantom", "jfb")]
+    outputs = [il.ImplicitLayer(cell, tol=1e-5, backward=mode)(x) for mode in ("ift", "phantom", "jfb", "shine")]
     with torch.no_grad():
         outputs.append(il.ImplicitLayer(cell, tol=1e-5)(x))
     for out in outputs[1:]:
@@ -348,3 +348,64 @@ def test_unrolled_never_reports_an_overflowed_norm_as_converged():
     layer.on_nonconvergence = "ignore"
     layer(torch.full((2, 4), 1e19))
     assert not bool(layer.stats.converged.any())
+
+
+# ------------------------------------------------------------------------------------------ SHINE
+@given(problem=problems(), solver=st.sampled_from(["anderson", "broyden"]))
+def test_shine_gradients_approach_the_ift_gradient_as_the_refinement_grows(problem, solver):
+    cell, x, cotangent = problem
+    options = {"solver": solver, "tol": 1e-12, "max_iter": 300, "backward_tol": 1e-12}
+    ift, _ = gradients(cell, x, cotangent, **options)
+    assume(float(ift.norm()) > 1e-8)  # a dead relu cell has no direction to compare
+    errors = []
+    for refine in (0, 3, 200):
+        shine, _ = gradients(cell, x, cotangent, **options, backward="shine", shine_refine=refine)
+        errors.append(relative_error(shine, ift))
+    assert errors[-1] <= 1e-8  # refined to the adjoint's tolerance: the IFT gradient
+    assert errors[1] <= max(errors[0], 1e-9)  # refinement starts from the estimate and improves it
+    jfb, _ = gradients(cell, x, cotangent, **options, backward="jfb")
+    # The estimate is exact on the directions the solver explored; it should beat JFB, the
+    # estimate u = v, except where the solver took too few steps to explore anything.
+    assert errors[0] <= relative_error(jfb, ift) + 1e-9
+
+
+def test_shine_reports_its_refinement_and_does_not_evaluate_more_than_asked():
+    torch.manual_seed(2)
+    cell = Cell(6, "tanh", 0.7).double()
+    x, cotangent = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    _, layer = gradients(cell, x, cotangent, tol=1e-10, backward="shine", backward_tol=1e-14, shine_refine=3)
+    assert layer.backward_stats.nstep.tolist() == [3, 3, 3, 3]
+    _, layer = gradients(cell, x, cotangent, tol=1e-10, backward="shine")
+    assert layer.backward_stats is None  # no refinement, no adjoint solve
+
+
+def test_shine_is_first_order_only_and_says_so():
+    torch.manual_seed(3)
+    cell = Cell(4, "tanh", 0.6).double()
+    layer = il.ImplicitLayer(cell, tol=1e-10, backward="shine").eval()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="first-order reverse-mode"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order reverse-mode"):
+        torch.func.grad(lambda x: layer(x).sum())(x.detach())
+    with pytest.raises(RuntimeError, match="first-order reverse-mode"):
+        torch.func.vmap(layer)(x.detach()[:, None])
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="first-order reverse-mode"):
+        layer(torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x)))
+
+
+def test_shine_needs_a_quasi_newton_solver_and_a_valid_refinement():
+    cell = Cell(4, "tanh", 0.6)
+    with pytest.raises(ValueError, match="solver 'picard' keeps none"):
+        il.ImplicitLayer(cell, solver="picard", backward="shine")
+    with pytest.raises(ValueError, match="shine_refine must be an integer >= 0"):
+        il.ImplicitLayer(cell, backward="shine", shine_refine=-1)
+    with pytest.raises(ValueError, match="refine must be an integer >= 0"):
+        il.shine_fixed_point(lambda z, x: torch.tanh(z) + x, torch.zeros(2, 3), torch.ones(2, 3), refine=1.5)
+
+
+def test_shine_fixed_point_with_a_solver_that_keeps_no_memory_raises():
+    f = lambda z, x: 0.5 * torch.tanh(z) + x  # noqa: E731
+    x = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="solver 'picard' keeps none"):
+        il.shine_fixed_point(f, torch.zeros(2, 3), x, forward=il.SolveConfig("picard"))

@@ -246,7 +246,7 @@ def test_bf16_autocast_forward_and_backward():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"backward": "adjoint"}, "backward must be one of \\['ift', 'phantom', 'jfb', 'unrolled'\\]"),
+        ({"backward": "adjoint"}, "backward must be one of \\['ift', 'phantom', 'jfb', 'unrolled', 'shine'\\]"),
         ({"activation": "swish"}, "activation must be one of"),
         ({"solver": "newton"}, "unknown solver 'newton'; available"),
         ({"max_iter": 0}, "max_iter"),

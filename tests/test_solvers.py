@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import implicitlayers as il
 from implicitlayers.problems import TanhProblem, symmetric_tanh_problem
 from implicitlayers.solvers import Anderson, iterate
-from tests.strategies import SOLVERS, contractive_maps, tolerance_for
+from tests.strategies import SOLVERS, contractive_maps, relative_error, seeds, tolerance_for
 
 BUILTIN = ["picard", "anderson", "broyden"]
 
@@ -316,3 +316,50 @@ def test_a_map_without_fixed_point_does_not_converge_in_abs_mode():
     # "abs" measures the step itself.
     result = il.solve(lambda z: z + 1, torch.zeros(2, 3), solver="anderson", stop_mode="abs", max_iter=100)
     assert not bool(result.converged.any()) and result.reasons() == {"max_iter": 2}
+
+
+# ------------------------------------------------- the SHINE estimate of the adjoint, per solver
+def _linear_problem(seed: int, batch: int, dim: int, rate: float):
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(batch, dim, dim, generator=generator, dtype=torch.float64)
+    weights = rate * weights / torch.linalg.matrix_norm(weights, ord=2)[:, None, None]
+    drive = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    cotangent = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64)
+    exact = torch.linalg.solve((eye - weights).transpose(1, 2), cotangent[..., None])[..., 0]
+    return (lambda z: torch.einsum("bij,bj->bi", weights, z) + drive), cotangent, exact
+
+
+@given(seed=seeds(), dim=st.integers(1, 4), rate=st.floats(0.1, 0.9))
+def test_anderson_estimate_of_the_adjoint_is_exact_on_linear_maps(seed, dim, rate):
+    # Anderson's differences span the space once it has taken dim + 1 steps on a linear map, and
+    # its multisecant inverse Jacobian is exact on their span.
+    f, cotangent, exact = _linear_problem(seed, 3, dim, rate)
+    result = il.solve(f, torch.zeros_like(cotangent), solver="anderson", memory=dim + 3, tol=0.0, max_iter=dim + 2)
+    assert relative_error(result.adjoint_estimate(cotangent), exact) <= 1e-5
+
+
+@given(seed=seeds(), rate=st.floats(-0.9, 0.9))
+def test_broyden_estimate_of_the_adjoint_is_the_secant_in_one_dimension(seed, rate):
+    f, cotangent, exact = _linear_problem(seed, 4, 1, abs(rate))
+    result = il.solve(f, torch.zeros_like(cotangent), solver="broyden", tol=0.0, max_iter=3)
+    assert relative_error(result.adjoint_estimate(cotangent), exact) <= 1e-10
+
+
+def test_a_samples_adjoint_estimate_does_not_depend_on_the_batch_it_is_solved_in():
+    # A sample that converges early keeps its own history while the others iterate on.
+    fast, cotangent_fast, _ = _linear_problem(0, 1, 16, 0.05)
+    slow, cotangent_slow, _ = _linear_problem(1, 1, 16, 0.99)
+    both = lambda z: torch.cat([fast(z[:1]), slow(z[1:])])  # noqa: E731
+    cotangent = torch.cat([cotangent_fast, cotangent_slow])
+    for solver in ("anderson", "broyden"):
+        alone = il.solve(fast, torch.zeros(1, 16, dtype=torch.float64), solver=solver, tol=1e-10, max_iter=60)
+        batched = il.solve(both, torch.zeros(2, 16, dtype=torch.float64), solver=solver, tol=1e-10, max_iter=60)
+        assert int(batched.nstep[1]) > int(batched.nstep[0]) + 5  # the slow sample went on long after
+        estimate = batched.adjoint_estimate(cotangent)[:1]
+        assert relative_error(estimate, alone.adjoint_estimate(cotangent_fast)) <= 1e-6
+
+
+def test_solvers_without_memory_offer_no_adjoint_estimate():
+    result = il.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver="picard")
+    assert result.adjoint_estimate is None and result.detach().adjoint_estimate is None

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..backward import GRADIENT_MODES, phantom_steps, unrolled_picard
+from ..backward import GRADIENT_MODES, SHINE_SOLVERS, phantom_steps, unrolled_picard
 from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
 from ..implicit_function import (
     ModuleFunction,
@@ -19,6 +19,7 @@ from ..implicit_function import (
     implicit_fixed_point,
     is_transformed,
     jacobian_free_fixed_point,
+    shine_fixed_point,
     stop_gradient_fixed_point,
 )
 from ..jacobian import jacobian_penalty, spectral_radius
@@ -92,6 +93,9 @@ class FixedPointModule(nn.Module):
     arguments are those of :class:`ImplicitLayer`, plus these training aids:
 
     Args:
+        shine_refine: With ``backward="shine"``, adjoint iterations (``backward_solver``, stopping at
+            ``backward_tol``) that refine the estimate read from the forward solver's memory; 0
+            (default) uses the estimate alone, at the cost of a JFB backward.
         eval_max_iter: Forward budget in eval mode (default ``max_iter``): inference may afford more
             iterations, or fewer, than training.
         eval_tol: Forward tolerance in eval mode (default ``tol``).
@@ -128,6 +132,7 @@ class FixedPointModule(nn.Module):
         backward_tol: float | None = None,
         phantom_steps: int = 1,
         phantom_damping: float = 1.0,
+        shine_refine: int = 0,
         on_nonconvergence: str = "warn",
         solver_options: dict[str, Any] | None = None,
         eval_max_iter: int | None = None,
@@ -159,6 +164,13 @@ class FixedPointModule(nn.Module):
         if spectral_radius_iters != 0:
             check_int_at_least("spectral_radius_iters", spectral_radius_iters, 2)
         check_int_at_least("phantom_steps", phantom_steps)
+        check_int_at_least("shine_refine", shine_refine, 0)
+        # Registered third-party solvers are checked at the first forward, when their result tells.
+        if backward == "shine" and solver in ("picard", "fixed_point"):
+            raise ValueError(
+                f"backward='shine' reuses the forward solver's quasi-Newton memory; solver {solver!r} keeps "
+                f"none: use one of {list(SHINE_SOLVERS)}"
+            )
         if not 0.0 < phantom_damping <= 1.0:
             raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
         if on_nonconvergence not in NONCONVERGENCE_POLICIES:
@@ -175,6 +187,7 @@ class FixedPointModule(nn.Module):
         self.backward_tol = tol if backward_tol is None else backward_tol
         self.phantom_steps = phantom_steps
         self.phantom_damping = phantom_damping
+        self.shine_refine = shine_refine
         self.on_nonconvergence = on_nonconvergence
         self.solver_options = dict(solver_options or {})
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
@@ -242,6 +255,18 @@ class FixedPointModule(nn.Module):
                 adjoint=self._adjoint_config(),
                 on_forward=self._record_forward,
                 on_backward=self._record_backward,
+            )
+        elif self.backward == "shine":
+            z = shine_fixed_point(
+                function,
+                z0,
+                x,
+                *tensors,
+                **options,
+                refine=self.shine_refine,
+                adjoint=self._adjoint_config(),
+                on_forward=self._record_forward,
+                on_backward=self._record_refinement,
             )
         elif self.backward == "jfb" or (self.phantom_steps == 1 and self.phantom_damping == 1.0):
             z = jacobian_free_fixed_point(function, z0, x, *tensors, **options, on_forward=self._record_forward)
@@ -322,6 +347,10 @@ class FixedPointModule(nn.Module):
         self.backward_stats = result.detach()
         self._report(result, "backward")
 
+    def _record_refinement(self, result: SolverResult) -> None:
+        # SHINE's refinement is a chosen number of steps, not a solve to tolerance: nothing to warn of.
+        self.backward_stats = result.detach()
+
     def _report(self, result: SolverResult, direction: str) -> None:
         # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
         max_iter, tol = self._budget(direction)
@@ -370,7 +399,8 @@ class ImplicitLayer(FixedPointModule):
             ``backward="unrolled"``, which always iterates Picard steps.
         max_iter: Maximum evaluations of f in the forward solve.
         tol: Per-sample residual tolerance; 0 runs exactly ``max_iter`` iterations.
-        backward: ``"ift"``, ``"phantom"``, ``"jfb"`` or ``"unrolled"`` (see :mod:`implicitlayers.backward`).
+        backward: ``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"`` or ``"shine"`` (see
+            :mod:`implicitlayers.backward`).
         backward_solver: Solver of the IFT adjoint equation; defaults to ``solver``.
         backward_max_iter: Iterations of the adjoint solve; defaults to ``max_iter``.
         backward_tol: Tolerance of the adjoint solve; defaults to ``tol``.
@@ -383,7 +413,8 @@ class ImplicitLayer(FixedPointModule):
         stop_mode: ``"rel"`` or ``"abs"`` residual.
         solver_options: Extra solver settings, e.g. ``{"memory": 8}``.
         **options: The training aids of :class:`FixedPointModule`: ``eval_max_iter``, ``eval_tol``,
-            ``warm_start``, ``jacobian_penalty``, ``spectral_radius_iters``, ``correction_states``.
+            ``warm_start``, ``jacobian_penalty``, ``spectral_radius_iters``, ``correction_states``,
+            ``shine_refine``.
 
     Attributes:
         stats: The last forward's :class:`SolverResult`, detached.

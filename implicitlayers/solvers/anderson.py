@@ -64,8 +64,17 @@ class Anderson:
             )
         slot = state.count % self.memory
         n = min(state.count + 1, self.memory)
-        state.f[slot] = fz
-        torch.sub(fz, z, out=state.g[slot])
+        if state.count == 0:
+            # Every slot starts as a copy of the first pair: a sample that stops early keeps copies
+            # (no secant information) in the slots it never reached, not uninitialised memory.
+            state.f.copy_(fz.expand_as(state.f))
+            state.g.copy_((fz - z).expand_as(state.g))
+        else:
+            # A frozen sample keeps the history it stopped with (its proposals are ignored anyway),
+            # so that the secant pairs of adjoint_estimate are its own, not copies of its last iterate.
+            keep = active[:, None]
+            torch.where(keep, fz - z, state.g[slot], out=state.g[slot])
+            torch.where(keep, fz, state.f[slot], out=state.f[slot])
         state = state._replace(count=state.count + 1)
         # Only the newest residual changed: update its row and column of the Gram matrix (n dot
         # products per sample instead of n²).
@@ -80,6 +89,40 @@ class Anderson:
         if self.damping != 1.0:
             proposal -= (1.0 - self.damping) * weighted_sum(state.g[:n], weights)
         return proposal, state
+
+    def adjoint_estimate(self, state: AndersonState) -> Callable[[Tensor], Tensor]:
+        """SHINE for Anderson: the multisecant inverse Jacobian of the history, transposed.
+
+        Type-II Anderson is a quasi-Newton method whose estimate of (J_f - I)⁻¹ is
+        H = -I + ΔF (ΔGᵀ ΔG)⁻¹ ΔGᵀ, with ΔF, ΔG the differences of the stored images and residuals
+        (Fang & Saad, 2009); it is exact on the span of ΔG. So u = -Hᵀ g = g - ΔG (ΔGᵀ ΔG)⁻¹ ΔFᵀ g,
+        one small least-squares system per sample and no evaluation of f.
+        """
+        n = min(state.count, self.memory)
+        return lambda cotangent: self._multisecant_adjoint(state.f[:n], state.g[:n], cotangent)
+
+    def _multisecant_adjoint(self, images: Tensor, residuals: Tensor, cotangent: Tensor) -> Tensor:
+        if images.shape[0] < 2:
+            return cotangent.clone()
+        image_steps = (images[1:] - images[0]).double()  # (n-1, B, D)
+        residual_steps = (residuals[1:] - residuals[0]).double()
+        # H is unchanged when a secant pair (ΔF_j, ΔG_j) is scaled; scaling each to ||ΔG_j|| = 1 keeps
+        # the regularisation from erasing the small late steps of a converging solve.
+        norms = torch.linalg.vector_norm(residual_steps, dim=2, keepdim=True)
+        scale = torch.where(norms > 0, norms, 1.0)
+        image_steps, residual_steps = image_steps / scale, residual_steps / scale
+        gram = torch.einsum("ibd,jbd->bij", residual_steps, residual_steps)
+        projections = torch.einsum("ibd,bd->bi", image_steps, cotangent.double())
+        # Ridge at the precision of the stored history: directions its rounding cannot resolve get
+        # no weight, the others keep the exact multisecant solution.
+        ridge = torch.finfo(residuals.dtype).eps * torch.eye(gram.shape[1], dtype=torch.float64, device=gram.device)
+        coefficients, info = torch.linalg.solve_ex(gram + ridge, projections[..., None])
+        coefficients = coefficients[..., 0]
+        # A singular system gives no secant information: u = g there (a pair that never moved has
+        # ΔG = 0 and gets a zero coefficient from the regularised system).
+        usable = (info == 0)[:, None] & torch.isfinite(coefficients)
+        coefficients = torch.where(usable, coefficients, 0.0).T  # (n-1, B)
+        return (cotangent.double() - weighted_sum(residual_steps, coefficients)).to(cotangent.dtype)
 
     def _weights(self, gram: Tensor, newest: int) -> Tensor:
         """Mixing weights (B, n) that minimise ||Σ α_i G_i|| subject to Σ α_i = 1, from the float64 Gram."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -65,6 +65,9 @@ class SolverResult:
             ``converged`` for results built without it.
         spectral_radius: ρ(J_f) at each sample's fixed point, ``Tensor[B]``, where a layer was asked to
             estimate it (``spectral_radius_iters``); else None.
+        adjoint_estimate: For quasi-Newton solvers (Broyden, Anderson), ``g ↦ u`` with
+            u ≈ (I - J_f)⁻ᵀ g, shapes ``(B, ...)`` like ``z``, read from the solver's final memory
+            (the SHINE estimate of the adjoint solve); else None. Not kept by :meth:`detach`.
     """
 
     z: Tensor
@@ -74,6 +77,7 @@ class SolverResult:
     trace: Tensor
     status: Tensor | None = None
     spectral_radius: Tensor | None = None
+    adjoint_estimate: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.status is None:
@@ -120,6 +124,32 @@ class StepRule(Protocol):
     """
 
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, Any]: ...
+
+
+def adjoint_estimate(rule: StepRule, state: Any, shape: torch.Size) -> Callable[[Tensor], Tensor] | None:
+    """The rule's estimate of g ↦ (I - J_f)⁻ᵀ g from its final ``state``, on tensors of ``shape``.
+
+    A rule offers one by defining ``adjoint_estimate(state)``, which maps flat ``(B, D)`` cotangents
+    (in the working dtype) to flat estimates; rules without one, or with no state yet, give None.
+    """
+    flat_estimate = getattr(rule, "adjoint_estimate", None)
+    if flat_estimate is None or state is None:
+        return None
+    flat = flat_estimate(state)
+    if flat is None:
+        return None
+    dtype = state_dtype(state)
+
+    def estimate(cotangent: Tensor) -> Tensor:
+        rows = cotangent.reshape(shape[0], math.prod(shape[1:])).to(dtype)
+        return flat(rows).reshape(cotangent.shape).to(cotangent.dtype)
+
+    return estimate
+
+
+def state_dtype(state: Any) -> torch.dtype:
+    """The working dtype of a rule's state: that of its first tensor field."""
+    return next(value for value in state if isinstance(value, Tensor)).dtype
 
 
 def measure(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> tuple[Tensor, Tensor]:
@@ -369,7 +399,9 @@ def _iterate(
                 fz = torch.where(progress.finite[:, None], fz, z)
             proposal, state = rule.step(state, z, fz, tracker.active)
             z = proposal if progress.all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
-    return tracker.result(shape, dtype)
+    result = tracker.result(shape, dtype)
+    result.adjoint_estimate = adjoint_estimate(rule, state, shape)
+    return result
 
 
 def _evaluate(

@@ -68,6 +68,15 @@ class Broyden:
         proposal = z - _apply(state.u[:n], state.v[:n], g)
         return proposal, state
 
+    def adjoint_estimate(self, state: BroydenState) -> Callable[[Tensor], Tensor]:
+        """SHINE (Ramzi et al., 2022): u = -Bᵀ g ≈ (I - J_f)⁻ᵀ g, since B ≈ (J_f - I)⁻¹.
+
+        Costs O(memory·D) per sample and no evaluation of f: -Bᵀ g = g - Σ_i v_i (u_iᵀ g).
+        """
+        n = min(state.count, self.memory)
+        u, v = state.u[:n], state.v[:n]
+        return lambda cotangent: -_apply(v, u, cotangent)
+
     def _update(self, state: BroydenState, z: Tensor, g: Tensor, active: Tensor) -> BroydenState:
         """Adds the rank-one term u vᵀ that makes B map Δg to Δz (the secant condition)."""
         u, v, count = state.u, state.v, state.count
