@@ -834,15 +834,25 @@ def shine_fixed_point(
     ``create_graph=True``, forward mode and :mod:`torch.func` raise ``RuntimeError``.
 
     Args:
-        f, z0, inputs, per_sample, forward, on_forward: As in :func:`implicit_fixed_point`.
+        f: ``f(z, *inputs) -> Tensor`` shaped like ``z``, as in :func:`implicit_fixed_point`.
+        z0: Initial guess, shape ``(B, ...)``.
+        *inputs: The tensors f depends on.
+        per_sample: As in :func:`implicit_fixed_point`.
+        forward: How the forward equation is solved; its solver must keep a quasi-Newton memory.
         refine: Iterations of the adjoint solve that refines the estimate (>= 0; 0: none). The
             refinement stops early where ``adjoint.tol`` is met.
         adjoint: Solver, tolerance and options of the refinement (its ``max_iter`` is ``refine``);
             defaults to ``forward``.
+        on_forward: Called with the forward solve's detached :class:`SolverResult`.
         on_backward: Called with each refinement's detached :class:`SolverResult`.
 
     Returns:
         f(z*), shape and dtype of f's output.
+
+    Raises:
+        ValueError: If the forward solver keeps no quasi-Newton memory.
+        RuntimeError: Under a torch.func transform or forward-mode AD, and in a backward with
+            ``create_graph=True``.
     """
     from torch.autograd import forward_ad
 
