@@ -5,7 +5,8 @@ baselines ``mixer_s16_224`` / ``mixer_t4_32``, in one run:
 
 - **Modes.** ``vanilla`` (timm's MLP-Mixer of the same shape); ``reference-n`` (the reference loop:
   exactly n Picard steps, autograd through the loop) for n = 1, 2, 3, 4, 8; ``<solver>/<backward>@tol``
-  (the solved mode) for solver ∈ {broyden, anderson, picard}, backward ∈ {ift, phantom, jfb},
+  (the solved mode) for solver ∈ {broyden, anderson, picard}, backward ∈ {ift, phantom, jfb, shine}
+  (shine with broyden and anderson only),
   tol ∈ {1e-2, 1e-3, 1e-4}, max_iter 30 (the layers return f(z*), so the residual reached is
   about a tenth of tol at initialisation).
 - **Equal residual.** Each solved mode against the cheapest reference mode whose residual max is no
@@ -71,9 +72,10 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from examples.imixer import imixer as imixer_model  # noqa: E402  (registers the imixer_* / mixer_t* timm models)
+from implicitlayers.backward import SHINE_SOLVERS  # noqa: E402
 
 SOLVERS = ["broyden", "anderson", "picard"]
-BACKWARDS = ["ift", "phantom", "jfb"]
+BACKWARDS = ["ift", "phantom", "jfb", "shine"]
 TOLS = [1e-2, 1e-3, 1e-4]
 REFERENCE_ITERATIONS = [1, 2, 3, 4, 8]
 MAX_ITER = 30
@@ -96,7 +98,14 @@ MB = 2**20
 # ------------------------------------------------------------------------------------ modes
 def all_modes() -> list[str]:
     modes = ["vanilla"] + [f"reference-{n}" for n in REFERENCE_ITERATIONS]
-    modes += [f"{s}/{b}@{tol:g}" for tol in TOLS for s in SOLVERS for b in BACKWARDS]
+    # SHINE reads the forward solver's quasi-Newton memory, which Picard does not keep.
+    modes += [
+        f"{s}/{b}@{tol:g}"
+        for tol in TOLS
+        for s in SOLVERS
+        for b in BACKWARDS
+        if not (b == "shine" and s not in SHINE_SOLVERS)
+    ]
     return modes
 
 
