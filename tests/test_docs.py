@@ -56,6 +56,26 @@ def test_page_examples_run(page: str, monkeypatch: pytest.MonkeyPatch, capsys: p
     assert capsys.readouterr().out, f"{page}'s examples print nothing"
 
 
+# Pages maintained elsewhere, whose code lines this test does not police.
+LINE_LENGTH_EXEMPT = ("deq.md", "torchdeq.md")
+CODE_LINE_LENGTH = 80  # what the text column shows at 1280 px without scrolling
+
+
+def test_code_lines_fit_the_column() -> None:
+    """No line of a fenced block is cut off at the edge of the text column."""
+    long_lines = []
+    for path in sorted(DOCS.rglob("*.md")):
+        if path.name in LINE_LENGTH_EXEMPT or "assets" in path.parts:
+            continue
+        inside = False
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                inside = not inside
+            elif inside and len(line) > CODE_LINE_LENGTH:
+                long_lines.append(f"{path.relative_to(DOCS)}:{number} ({len(line)} characters)")
+    assert not long_lines, long_lines
+
+
 def test_required_pages_have_examples() -> None:
     for page in REQUIRED_PAGES:
         assert python_blocks((DOCS / page).read_text(encoding="utf-8")), page
@@ -109,6 +129,15 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert ":class:`" not in api and ":func:`" not in api and ":func:`" not in contrib
     # Doctest examples are code blocks, not ">>>" read as nested block quotes.
     assert "<blockquote>" not in api and "<blockquote>" not in contrib
+    # Tables of contents are plain text: a heading with math needs a data-toc-label.
+    for page in site.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        for toc in re.findall(r'<nav class="md-nav md-nav--secondary".*?</nav>', html, flags=re.DOTALL):
+            labels = re.sub(r"<[^>]+>", " ", toc)
+            assert "\\(" not in labels and "$" not in labels, f"{page.relative_to(site)}: math in the TOC"
+    # The layout fixes (wide tables scroll, long lines wrap in the API reference) are served.
+    assert (site / "assets" / "stylesheets" / "extra.css").is_file()
+    assert "assets/stylesheets/extra.css" in gradients
 
 
 def test_contributing_page_states_the_hypothesis_profiles() -> None:
