@@ -16,9 +16,28 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "DataError", "DatasetSplits", "DigitsDataset", "build_datasets"]
+__all__ = ["DATASETS", "DATASET_ALIASES", "DataError", "DatasetSplits", "DigitsDataset", "build_datasets", "canonical"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "food101", "imagefolder")
+
+# timm's train.py names torchvision datasets "torch/<name>" and folder datasets "torch/image_folder",
+# "torch/folder" or "" (with a data dir); these spellings are accepted for the names above.
+DATASET_ALIASES = {
+    "torch/cifar10": "cifar10",
+    "torch/cifar100": "cifar100",
+    "torch/food101": "food101",
+    "torch/image_folder": "imagefolder",
+    "torch/folder": "imagefolder",
+    "torch/imagefolder": "imagefolder",
+    "image_folder": "imagefolder",
+    "folder": "imagefolder",
+    "": "imagefolder",
+}
+
+# What a damaged image file raises when PIL opens or decodes it: UnidentifiedImageError (an OSError) for a
+# file that is no image, OSError for a truncated one, SyntaxError from some format parsers, and
+# DecompressionBombError (a plain Exception) for absurd dimensions.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 # Expected on-disk layouts, quoted in the error raised when data are missing.
 LAYOUTS = {
@@ -31,8 +50,27 @@ LAYOUTS = {
 Transform = Callable[[Image.Image], object]
 
 
+def canonical(name: str) -> str | None:
+    """The dataset name of :data:`DATASETS` that ``name`` spells (case-insensitive), or None."""
+    lowered = name.strip().lower()
+    if lowered in DATASETS:
+        return lowered
+    return DATASET_ALIASES.get(lowered)
+
+
 class DataError(Exception):
-    """Data are missing or malformed; the message is one line naming what was expected."""
+    """Data are missing or malformed; the message is one line naming what was expected.
+
+    Raised in a DataLoader worker, PyTorch re-raises it in the main process as
+    ``DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback ...")``; the
+    constructor keeps only the original one-line message from such a text.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            message = last.split("DataError: ", 1)[-1]
+        super().__init__(message)
 
 
 @dataclass
@@ -107,6 +145,7 @@ def build_datasets(
     Raises:
         DataError: Unknown name, or data missing or malformed.
     """
+    name = canonical(name) or name
     if name == "digits":
         return DatasetSplits(DigitsDataset(True, train_transform), DigitsDataset(False, eval_transform), 10, 1)
     if name not in DATASETS:
@@ -137,7 +176,7 @@ def _torchvision_splits(
     if name == "food101":
         train = datasets.Food101(root, split="train", transform=train_transform, download=download)
         val = datasets.Food101(root, split="test", transform=eval_transform, download=download)
-        return DatasetSplits(train, val, len(train.classes), 3)
+        return DatasetSplits(NamedReadErrors(train), NamedReadErrors(val), len(train.classes), 3)
     dataset_cls = _presence_checked(datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)
     train = dataset_cls(root, train=True, transform=train_transform, download=download)
     val = dataset_cls(root, train=False, transform=eval_transform, download=download)
@@ -181,5 +220,40 @@ def _image_folders(root: str, train_transform: Transform, eval_transform: Transf
 
 
 def _rgb_loader(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Opens and decodes one image as RGB; a damaged file raises :class:`DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except IMAGE_READ_ERRORS as error:
+        raise DataError(corrupt_image_message(path, error)) from None
+
+
+def corrupt_image_message(path: str, error: BaseException) -> str:
+    """One line naming the unreadable image and what to do about it."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"cannot read image {path}: {reason}; remove or replace the file and restart "
+        "(--resume auto continues from the last checkpoint)"
+    )
+
+
+class NamedReadErrors(Dataset):
+    """Wraps a torchvision dataset that opens image files itself (Food-101), naming a damaged file.
+
+    Args:
+        dataset: A dataset with the list of its image paths in ``_image_files`` (torchvision's Food101).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        try:
+            return self.dataset[index]
+        except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # not ValueError: transforms raise it
+            path = str(self.dataset._image_files[index])
+            raise DataError(corrupt_image_message(path, error)) from None
