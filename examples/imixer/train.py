@@ -2,16 +2,20 @@
 
 With no arguments it trains ``imixer_t2_8`` on scikit-learn's bundled 8×8 digits (no download) and
 prints the final validation top-1 — about 2 minutes on 2 CPU cores. The defaults are that small
-recipe; ``examples/imixer/README.md`` lists the paper's CIFAR-10 recipe and the ImageNet-folder run.
+recipe; ``examples/imixer/README.md`` lists the CIFAR-10 recipes and the ImageNet-folder run.
 
     python examples/imixer/train.py                               # iMixer on digits
     python examples/imixer/train.py --model mixer_t2_8            # the vanilla baseline, same recipe
-    torchrun --nproc_per_node=4 examples/imixer/train.py --model imixer_s16_224 --dataset cifar10 ...
+    torchrun --nproc_per_node=4 examples/imixer/train.py --model imixer_s16_224 --dataset torch/cifar10 -b 512 ...
 
-Outputs (``--output``): ``metrics.jsonl`` (one line per epoch), ``summary.json``, and the ``last`` and
-``best`` checkpoints — weights as ``<tag>.safetensors``, training state as ``<tag>.state.pt`` (loaded
-with ``weights_only=True``), each written atomically. ``--resume auto`` continues from ``last``.
-Bad input (unknown names, missing data, a corrupt checkpoint) exits with status 2 and one line.
+Flags follow timm's ``train.py`` (``-b`` is the batch size *per process*, ``-j`` the loader workers,
+``--output`` the parent folder and ``--experiment`` the run folder's name). Each run writes into its own
+folder, by default ``runs/imixer/<YYYYmmdd-HHMMSS>-<model>-<dataset>``: ``args.yaml``/``config.json`` (the
+resolved config), ``metrics.jsonl``/``metrics.csv`` (one line per epoch), ``summary.json``, ``training.png``
+and checkpoints committed through the manifest ``checkpoints.json`` (see :mod:`examples.imixer.checkpoints`).
+``--resume auto`` continues the run named by ``--experiment``, or else the latest run under ``--output`` of
+the same model, data and implicit settings. Bad input (a flag out of range, unknown names, missing data, a
+corrupt image or checkpoint) exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -19,25 +23,26 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
+import platform
 import random
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import timm
 import torch
 import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs, accuracy
 from torch import Tensor, nn
@@ -49,8 +54,10 @@ if __package__ in (None, ""):  # run as a script: import the package from the re
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import implicitlayers as il
-from examples.imixer import data
+from examples.imixer import checkpoints as ckpt
+from examples.imixer import data, logs
 from examples.imixer import imixer as imixer_model  # noqa: F401  (registers imixer_* and mixer_t* in timm)
+from examples.imixer.checkpoints import CheckpointError, atomic_write  # noqa: F401  (convert.py imports them here)
 
 IMPLICIT_FLAGS = {
     "solver": "solver",
@@ -62,6 +69,12 @@ IMPLICIT_FLAGS = {
     "n_power": "n_power_iterations",
     "reference_iterations": "reference_iterations",
 }
+# The flag that sets each implicit setting, for messages.
+SETTING_FLAGS = {kwarg: "--" + flag.replace("_", "-") for flag, kwarg in IMPLICIT_FLAGS.items()}
+
+# timm schedules that step per update (this script calls step_update every step). "plateau" steps per epoch
+# on a metric, "wsd"/"rsqrt" need decay settings this script does not expose.
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 
 
 class UsageError(Exception):
@@ -75,56 +88,240 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers in ``[low, high]``; anything else is one line naming the flag."""
+    accepted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value {text!r}; expected {accepted}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type`` accepting finite floats in the interval given (open or closed at each end)."""
+    left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    accepted = (
+        "a finite number"
+        + (f" {left}" if left else "")
+        + (" and" if left and right else "")
+        + (f" {right}" if right else "")
+    )
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value {text!r}; expected {accepted}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface; defaults are the digits recipe (measured, see README)."""
-    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--model", default="imixer_t2_8", help="timm model name (imixer_* or mixer_* registered by model.py)")
-    add("--dataset", default="digits", help=f"one of {', '.join(data.DATASETS)}")
-    add("--data-dir", default=None, help="dataset root (not needed for digits)")
-    add("--download", action="store_true", help="let torchvision download CIFAR/Food-101")
-    add("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra create_model kwargs, key=value")
-    add("--num-classes", type=int, default=None, help="default: the dataset's")
-    add("--img-size", type=int, default=None, help="default: the model's input size")
-    add("--epochs", type=int, default=20)
-    add("--batch-size", type=int, default=128, help="global batch size (split over DDP processes)")
-    add("--opt", default="adamw")
-    add("--lr", type=float, default=4e-3)
-    add("--weight-decay", type=float, default=0.05)
-    add("--sched", default="cosine")
-    add("--warmup-epochs", type=int, default=2)
-    add("--warmup-lr", type=float, default=1e-5)
-    add("--min-lr", type=float, default=1e-5)
-    add("--drop-path", type=float, default=0.0)
-    add("--smoothing", type=float, default=0.0, help="label smoothing")
-    add("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
-    add("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    add("--no-aug", action="store_true", help="no random training augmentation (resize and normalise only)")
-    add("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
-    add("--reprob", type=float, default=0.0, help="random erasing probability")
-    add("--scale", type=float, nargs=2, default=None, help="random-resized-crop scale range (timm default)")
-    add("--hflip", type=float, default=None, help="horizontal flip probability (0 for digits, else 0.5)")
-    add("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
-    add("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
-    add("--model-ema", action="store_true", help="keep and evaluate an EMA of the weights")
-    add("--model-ema-decay", type=float, default=0.999)
-    add("--workers", type=int, default=0, help="data-loader worker processes")
-    add("--threads", type=int, default=None, help="torch CPU threads (default: 1 for digits, else torch's)")
-    add("--seed", type=int, default=0)
-    add("--output", default=None, help="output directory (default: runs/imixer/<model>-<dataset>)")
-    add("--resume", default=None, help="'auto' (OUTPUT/last) or a checkpoint path")
-    add("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
-    add("--no-progress", action="store_true", help="no tqdm bars")
-    implicit = parser.add_argument_group("implicit token mixer (imixer_* models)")
+    """The command-line interface (timm ``train.py`` names); defaults are the digits recipe (see README)."""
+    parser = OneLineArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset",
+        default="digits",
+        metavar="NAME",
+        help=f"one of {', '.join(data.DATASETS)}; timm spellings torch/cifar10, torch/cifar100, "
+        "torch/food101, torch/image_folder are accepted",
+    )
+    group.add_argument("--data-dir", default=None, metavar="DIR", help="dataset root (None: only digits needs none)")
+    group.add_argument(
+        "--dataset-download",
+        "--download",
+        dest="dataset_download",
+        action="store_true",
+        help="let torchvision download CIFAR/Food-101 into --data-dir",
+    )
+    group.add_argument(
+        "--num-classes",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="classifier outputs; must equal the dataset's classes (None: the dataset's)",
+    )
+    group.add_argument(
+        "--img-size",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="input size, a multiple of the patch size (None: the model's)",
+    )
+    group.add_argument(
+        "-j",
+        "--workers",
+        type=int_range(0),
+        default=0,
+        metavar="N",
+        help="data-loader worker processes per training process",
+    )
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default="imixer_t2_8",
+        metavar="MODEL",
+        help="timm model name (imixer_* or mixer_t* registered by examples.imixer)",
+    )
+    group.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="extra timm.create_model keyword arguments",
+    )
+    group.add_argument(
+        "--drop-path", type=float_range(0, 1, high_open=True), default=0.0, metavar="PCT", help="stochastic depth rate"
+    )
+    implicit = parser.add_argument_group("implicit token mixer (imixer_* models; None: the model's default)")
     implicit.add_argument("--solver", default=None, help=f"one of {', '.join(il.available_solvers())}")
     implicit.add_argument("--backward", default=None, help=f"one of {', '.join(il.GRADIENT_MODES)}")
-    implicit.add_argument("--max-iter", type=int, default=None)
-    implicit.add_argument("--tol", type=float, default=None)
-    implicit.add_argument("--h-ratio", type=float, default=None, help="hidden_ratio H/T")
-    implicit.add_argument("--coeff", type=float, default=None, help="spectral-norm bound")
-    implicit.add_argument("--n-power", type=int, default=None, help="power iterations per training step")
-    implicit.add_argument("--reference-iterations", type=int, default=None, help="run the reference loop")
-    return parser
+    implicit.add_argument("--max-iter", type=int_range(1), default=None, metavar="N", help="solver iteration cap")
+    implicit.add_argument("--tol", type=float_range(0), default=None, help="relative residual to stop at")
+    implicit.add_argument("--h-ratio", type=float_range(0, low_open=True), default=None, help="hidden_ratio H/T")
+    implicit.add_argument(
+        "--coeff",
+        type=float_range(0, 1, low_open=True, high_open=True),
+        default=None,
+        help="spectral-norm bound of F's layers ((1 - F)^-1 needs Lip(F) < 1)",
+    )
+    implicit.add_argument(
+        "--n-power", type=int_range(1), default=None, metavar="N", help="power iterations per training forward"
+    )
+    implicit.add_argument(
+        "--reference-iterations",
+        type=int_range(0),
+        default=None,
+        metavar="N",
+        help="run the reference loop: N Picard steps, backpropagated through",
+    )
+    implicit.add_argument(
+        "--allow-implicit-mismatch",
+        action="store_true",
+        help="load a checkpoint trained with other structural implicit settings (warns)",
+    )
+    group = parser.add_argument_group("optimiser and schedule")
+    group.add_argument("--opt", default="adamw", metavar="OPTIMIZER", help="timm optimizer name")
+    group.add_argument("--lr", type=float_range(0, low_open=True), default=4e-3, metavar="LR", help="learning rate")
+    group.add_argument("--weight-decay", type=float_range(0), default=0.05, help="weight decay")
+    group.add_argument(
+        "--clip-grad",
+        type=float_range(0, low_open=True),
+        default=None,
+        metavar="NORM",
+        help="clip the gradient norm to this value (None: no clipping)",
+    )
+    group.add_argument("--sched", default="cosine", metavar="SCHEDULER", help=f"one of {', '.join(SCHEDULES)}")
+    group.add_argument("--epochs", type=int_range(1), default=20, metavar="N", help="epochs to train")
+    group.add_argument("--warmup-epochs", type=int_range(0), default=2, metavar="N", help="linear warm-up epochs")
+    group.add_argument("--warmup-lr", type=float_range(0), default=1e-5, metavar="LR", help="warm-up start lr")
+    group.add_argument("--min-lr", type=float_range(0), default=1e-5, metavar="LR", help="lower lr bound")
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int_range(1),
+        default=128,
+        metavar="N",
+        help="batch size per process (global batch: N x processes)",
+    )
+    group = parser.add_argument_group("augmentation and regularisation")
+    group.add_argument("--no-aug", action="store_true", help="no random training augmentation")
+    group.add_argument("--aa", default=None, metavar="NAME", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
+    group.add_argument(
+        "--reprob", type=float_range(0, 1), default=0.0, metavar="PCT", help="random erasing probability"
+    )
+    group.add_argument(
+        "--scale",
+        type=float_range(0, 1, low_open=True),
+        nargs=2,
+        default=None,
+        metavar="PCT",
+        help="random-resized-crop scale range (None: (0.8, 1) for digits, timm's (0.08, 1) else)",
+    )
+    group.add_argument(
+        "--hflip",
+        type=float_range(0, 1),
+        default=None,
+        metavar="PROB",
+        help="horizontal flip probability (None: 0 for digits, else 0.5)",
+    )
+    group.add_argument("--smoothing", type=float_range(0, 1, high_open=True), default=0.0, help="label smoothing")
+    group.add_argument("--mixup", type=float_range(0), default=0.0, metavar="ALPHA", help="mixup alpha (0: off)")
+    group.add_argument("--cutmix", type=float_range(0), default=0.0, metavar="ALPHA", help="cutmix alpha (0: off)")
+    group.add_argument("--model-ema", action="store_true", help="keep and evaluate an EMA of the weights")
+    group.add_argument(
+        "--model-ema-decay",
+        type=float_range(0, 1, low_open=True, high_open=True),
+        default=0.999,
+        help="EMA decay per step",
+    )
+    group = parser.add_argument_group("device")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    group.add_argument(
+        "--threads",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="torch CPU threads (None: 1 for digits on CPU, else torch's)",
+    )
+    group = parser.add_argument_group("outputs, resume, logging")
+    group.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (all processes)")
+    group.add_argument(
+        "--output", default=os.path.join("runs", "imixer"), metavar="PATH", help="parent folder of the run folders"
+    )
+    group.add_argument(
+        "--experiment",
+        default=None,
+        metavar="NAME",
+        help="run folder name under --output (None: <YYYYmmdd-HHMMSS>-<model>-<dataset>)",
+    )
+    group.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="'auto' (the --experiment run, else the latest matching run under --output), a run "
+        "folder, RUN/last, RUN/best, a checkpoint folder or a .safetensors file",
+    )
+    group.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and exit")
+    group.add_argument(
+        "--log-interval",
+        type=int_range(0),
+        default=50,
+        metavar="N",
+        help="print a progress line every N steps when stdout is not a terminal (0: never)",
+    )
+    group.add_argument("--no-progress", action="store_true", help="no tqdm bar (progress lines instead)")
+    group.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)",
+    )
+    return parser  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -134,22 +331,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as error:  # ParseKwargs given an item without "="
         raise UsageError(f"bad --model-kwargs item ({error}); use key=value") from None
     if not timm.is_model(args.model):
-        raise UsageError(f"unknown model {args.model!r}; e.g. imixer_t2_8, imixer_s16_224, mixer_t2_8")
-    if args.dataset not in data.DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
+        raise UsageError(f"unknown model {args.model!r}; e.g. imixer_t2_8, imixer_t4_32, imixer_s16_224, mixer_t2_8")
+    dataset = data.canonical(args.dataset)
+    if dataset is None:
+        raise UsageError(
+            f"unknown --dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)} "
+            f"(or timm's {', '.join(name for name in data.DATASET_ALIASES if name.startswith('torch/'))})"
+        )
+    args.dataset = dataset
     if args.solver is not None and args.solver not in il.available_solvers():
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(il.available_solvers())}")
     if args.backward is not None and args.backward not in il.GRADIENT_MODES:
         raise UsageError(f"unknown backward {args.backward!r}; choose one of {', '.join(il.GRADIENT_MODES)}")
     if implicit_kwargs(args) and not is_imixer(args.model):
         raise UsageError(f"implicit flags apply to imixer_* models only, not {args.model!r}")
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be >= 1")
+    *prefix, optimizer_name = args.opt.lower().split("_")  # timm accepts a "lookahead_" prefix
+    if optimizer_name not in list_optimizers() or prefix not in ([], ["lookahead"]):
+        raise UsageError(f"unknown --opt {args.opt!r}; e.g. adamw, sgd, lamb, lion (timm.optim.list_optimizers())")
+    if args.sched not in SCHEDULES:
+        raise UsageError(f"--sched {args.sched!r} is not supported; choose one of {', '.join(SCHEDULES)} "
+                         "(this script steps the schedule every update)")  # fmt: skip
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}; the schedule decays from lr to min-lr")
+    if args.scale is not None and args.scale[0] > args.scale[1]:
+        raise UsageError(f"--scale {args.scale[0]:g} {args.scale[1]:g}: expected MIN MAX with MIN <= MAX")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UsageError("mixup/cutmix need an even --batch-size")
+        raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
+    if args.experiment is not None and (
+        args.experiment in ("", ".", "..") or "/" in args.experiment or os.sep in args.experiment
+    ):
+        raise UsageError(f"--experiment {args.experiment!r} must be a folder name (no path separators)")
     if args.eval_only and not args.resume:
         raise UsageError("--eval-only needs --resume (a checkpoint or 'auto')")
-    args.output = args.output or os.path.join("runs", "imixer", f"{args.model}-{args.dataset}")
+    if args.tensorboard and not logs.tensorboard_available():
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or drop the flag)")
     return args
 
 
@@ -227,42 +442,54 @@ class Loaders:
     num_classes: int
     in_chans: int
     img_size: int
+    train_images: int
+    val_images: int
 
 
 def build_loaders(args: argparse.Namespace, runtime: Runtime) -> Loaders:
     """timm transforms at ``--img-size`` over the chosen dataset, sharded over DDP processes.
 
-    The training sampler is a DistributedSampler even in one process, so one process with batch B and
-    N processes with B/N each see the same samples in every step: without random augmentation,
-    drop-path or mixup the results are the same up to float rounding (with them, each process draws
-    its own random numbers, so the runs are equivalent in distribution, not bit for bit).
+    Each process loads ``--batch-size`` images per step (timm's convention), so the global batch is
+    ``batch_size × world_size``. The training sampler is a DistributedSampler even in one process, so one
+    process with batch 2B and two processes with batch B each see the same samples in every step: without
+    random augmentation, drop-path or mixup the results are the same up to float rounding (with them, each
+    process draws its own random numbers, so the runs are equivalent in distribution, not bit for bit).
     """
     cfg = timm.models.get_pretrained_cfg(args.model)
-    img_size = args.img_size or cfg.input_size[-1]
+    img_size = args.img_size if args.img_size is not None else cfg.input_size[-1]
     in_chans = 1 if args.dataset == "digits" else 3
     mean, std = (cfg.mean[0],) * in_chans, (cfg.std[0],) * in_chans
     # Digits are not mirror-symmetric and only 8 pixels wide: no flips, mild crops.
     hflip = args.hflip if args.hflip is not None else (0.0 if args.dataset == "digits" else 0.5)
     scale = tuple(args.scale) if args.scale else ((0.8, 1.0) if args.dataset == "digits" else None)
     common = {"input_size": (in_chans, img_size, img_size), "interpolation": cfg.interpolation, "mean": mean}
-    train_tf = create_transform(
-        **common, std=std, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale, auto_augment=args.aa,
-        re_prob=args.reprob, re_mode="pixel", color_jitter=0.0 if in_chans == 1 else 0.4, crop_pct=1.0,
-    )  # fmt: skip
+    try:
+        train_tf = create_transform(
+            **common, std=std, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale,
+            auto_augment=args.aa, re_prob=args.reprob, re_mode="pixel", color_jitter=0.0 if in_chans == 1 else 0.4,
+            crop_pct=1.0,
+        )  # fmt: skip
+    except (AssertionError, ValueError, KeyError, IndexError) as error:  # timm asserts on an unknown policy
+        where = f"--aa {args.aa!r}" if args.aa else "the training transform"
+        raise UsageError(f"{where}: {_first_line(error)} (e.g. rand-m9-mstd0.5-inc1, augmix, original)") from None
     eval_tf = create_transform(**common, std=std, is_training=False, crop_pct=cfg.crop_pct)
-    splits = data.build_datasets(args.dataset, args.data_dir, train_tf, eval_tf, download=args.download)
-    if args.batch_size % runtime.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {runtime.world_size} processes")
-    per_process = args.batch_size // runtime.world_size
+    splits = data.build_datasets(args.dataset, args.data_dir, train_tf, eval_tf, download=args.dataset_download)
+    if args.num_classes is not None and args.num_classes != splits.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} does not match the {splits.num_classes} classes of "
+                         f"{args.dataset} (omit --num-classes to use the dataset's)")  # fmt: skip
+    per_process = args.batch_size
     sampler = DistributedSampler(splits.train, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
     if len(sampler) < per_process:
-        raise data.DataError(f"{len(splits.train)} training images are fewer than one batch of {args.batch_size}")
+        raise data.DataError(
+            f"{len(splits.train)} training images give {len(sampler)} per process, fewer than one batch of "
+            f"{per_process} (--batch-size is per process)"
+        )
     loader_args = {"num_workers": args.workers, "pin_memory": runtime.device.type == "cuda"}
     train = DataLoader(splits.train, per_process, sampler=sampler, drop_last=True, **loader_args)
     # Evaluation shards without padding (DistributedSampler would repeat samples); counts are summed.
     val_shard = Subset(splits.val, range(runtime.rank, len(splits.val), runtime.world_size))
     val = DataLoader(val_shard, max(per_process, 64), shuffle=False, **loader_args)
-    return Loaders(train, val, sampler, args.num_classes or splits.num_classes, in_chans, img_size)
+    return Loaders(train, val, sampler, splits.num_classes, in_chans, img_size, len(splits.train), len(splits.val))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +499,7 @@ def build_loaders(args: argparse.Namespace, runtime: Runtime) -> Loaders:
 def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
     """``timm.create_model`` with the dataset's classes, channels and size, and the implicit flags."""
     try:
-        return timm.create_model(
+        model = timm.create_model(
             args.model,
             num_classes=loaders.num_classes,
             in_chans=loaders.in_chans,
@@ -280,8 +507,15 @@ def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
             drop_path_rate=args.drop_path,
             **{**args.model_kwargs, **implicit_kwargs(args)},
         )
-    except (ValueError, TypeError) as error:  # the layers name a bad setting; TypeError: unknown kwarg
-        raise UsageError(str(error)) from None
+    except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as error:
+        # The layers name a bad setting (ValueError); TypeError: an unknown kwarg; the others: impossible shapes
+        # from --model-kwargs (e.g. embed_dim=0).
+        raise UsageError(f"cannot build {args.model}: {_first_line(error)}") from None
+    patch = getattr(getattr(model, "stem", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and loaders.img_size % patch:
+        raise UsageError(f"--img-size {loaders.img_size} is not a multiple of {args.model}'s patch size {patch}")
+    return model
 
 
 @dataclass
@@ -296,11 +530,15 @@ class TrainState:
     epoch: int = 0
     best_top1: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float = 0.0  # training time summed over all sessions, up to the last completed epoch
 
 
 def build_state(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int, device: torch.device) -> TrainState:
     """Optimiser, per-step schedule, AMP scaler and EMA from timm."""
-    optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    try:
+        optimizer = create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.weight_decay)
+    except (ImportError, ValueError, AssertionError, RuntimeError, TypeError) as error:
+        raise UsageError(f"--opt {args.opt!r} cannot be created here: {_first_line(error)}") from None
     scheduler, _ = create_scheduler_v2(
         optimizer, args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
         min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
@@ -349,80 +587,121 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def solver_summary(model: nn.Module) -> dict[str, float]:
-    """Mean/max iterations, max residual and unconverged fraction over the blocks (empty for Mixer)."""
-    stats_fn = getattr(unwrap(model), "solver_stats", None)
-    blocks = [s for s in stats_fn() if s] if stats_fn else []
-    if not blocks:
-        return {}
-    return {
-        "solver_iters_mean": float(np.mean([s["nstep_mean"] for s in blocks])),
-        "solver_iters_max": max(s["nstep_max"] for s in blocks),
-        "solver_residual_max": max(s["residual_max"] for s in blocks),
-        "solver_unconverged": max(s["unconverged"] for s in blocks),
-    }
-
-
 @dataclass
 class EpochMeter:
-    """Running sums of one training epoch."""
+    """Running sums of one training epoch (this process's shard)."""
 
     loss_sum: float = 0.0
     correct: float = 0.0
     samples: int = 0
-    solver: dict[str, list[float]] = field(default_factory=dict)
+    last_loss: float = math.nan
 
-    def update(self, loss: Tensor, logits: Tensor, target: Tensor, model: nn.Module) -> None:
+    def update(self, loss: Tensor, logits: Tensor, target: Tensor) -> None:
         batch = target.shape[0]
-        self.loss_sum += float(loss) * batch
+        self.last_loss = float(loss)
+        self.loss_sum += self.last_loss * batch
         hard = target.argmax(dim=1) if target.dim() == 2 else target
         self.correct += float((logits.argmax(dim=1) == hard).sum())
         self.samples += batch
-        for key, value in solver_summary(model).items():
-            self.solver.setdefault(key, []).append(value)
 
-    def postfix(self, start: float) -> dict[str, str]:
-        shown = {"loss": f"{self.loss_sum / max(self.samples, 1):.3f}", "acc": f"{self.acc():.1f}"}
-        shown["img/s"] = f"{self.samples / max(time.time() - start, 1e-9):.0f}"
-        if "solver_iters_mean" in self.solver:
-            shown["iters"] = f"{self.solver['solver_iters_mean'][-1]:.1f}"
-        return shown
+    def loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
 
     def acc(self) -> float:
         return 100.0 * self.correct / max(self.samples, 1)
 
 
+def train_step(
+    args: argparse.Namespace, state: TrainState, images: Tensor, target: Tensor, loss_fn: nn.Module,
+    mixup: Mixup | None, runtime: Runtime, step: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One optimisation step on one batch: mixup, forward, finiteness check, backward, clip, step, EMA.
+
+    Returns:
+        ``(loss, logits, target)``, detached; ``target`` as used by the loss (soft under mixup).
+    """
+    images, target = images.to(runtime.device, non_blocking=True), target.to(runtime.device, non_blocking=True)
+    if mixup is not None:
+        images, target = mixup(images, target)
+    with autocast(args, runtime.device):
+        logits = state.model(images)
+        loss = loss_fn(logits, target)
+    check_finite(loss, state.epoch, step, runtime)
+    backward_and_step(args, state, loss)
+    return loss.detach(), logits.detach(), target
+
+
 def train_one_epoch(
-    args: argparse.Namespace, state: TrainState, model: nn.Module, loaders: Loaders, runtime: Runtime,
-    loss_fn: nn.Module, mixup: Mixup | None,
+    args: argparse.Namespace, state: TrainState, loaders: Loaders, runtime: Runtime, loss_fn: nn.Module,
+    mixup: Mixup | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One pass over the training set; returns the epoch's training metrics (this process's shard)."""
+    """One pass over the training set; returns the epoch's training metrics (this process's shard).
+
+    Progress: a tqdm bar on a terminal; otherwise (nohup, SLURM, ``--no-progress``) one line every
+    ``--log-interval`` steps and at the last step.
+    """
+    model = state.model
     model.train()
     loaders.train_sampler.set_epoch(state.epoch)
-    meter, start = EpochMeter(), time.time()
-    updates = state.epoch * len(loaders.train)
-    show = runtime.is_main and not args.no_progress and sys.stdout.isatty()
-    bar = tqdm(loaders.train, desc=f"epoch {state.epoch + 1}/{args.epochs}", disable=not show, leave=False)
-    for step, (images, target) in enumerate(bar):
-        images, target = images.to(runtime.device), target.to(runtime.device)
-        if mixup is not None:
-            images, target = mixup(images, target)
-        with autocast(args, runtime.device):
-            logits = model(images)
-            loss = loss_fn(logits, target)
-        check_finite(loss, state.epoch, step, runtime)
-        backward_and_step(args, state, loss)
-        updates += 1
-        state.scheduler.step_update(num_updates=updates)
-        meter.update(loss.detach(), logits.detach(), target, model)
-        bar.set_postfix(meter.postfix(start))
-    bar.close()
+    meter, solver = EpochMeter(), logs.SolverMeter(len(logs.implicit_layers(model)), runtime.device)
+    start = last_time = time.time()
+    last_step = 0
+    steps = len(loaders.train)
+    updates = state.epoch * steps
+    show_bar = runtime.is_main and not args.no_progress and sys.stdout.isatty()
+    print_steps = runtime.is_main and not show_bar and args.log_interval > 0
+    with batches(loaders.train) as iterator:
+        bar = tqdm(iterator, desc=f"epoch {state.epoch + 1}/{args.epochs}", disable=not show_bar, leave=False,
+                   total=steps)  # fmt: skip
+        for step, (images, target) in enumerate(bar):
+            loss, logits, soft_target = train_step(args, state, images, target, loss_fn, mixup, runtime, step)
+            updates += 1
+            state.scheduler.step_update(num_updates=updates)
+            meter.update(loss, logits, soft_target)
+            solver.add(model, "forward")
+            solver.add(model, "backward")
+            if show_bar:
+                bar.set_postfix(loss=f"{meter.loss():.3f}", acc=f"{meter.acc():.1f}")
+            if print_steps and ((step + 1) % args.log_interval == 0 or step + 1 == steps):
+                now = time.time()
+                per_step = (now - last_time) / (step + 1 - last_step)
+                log(runtime, logs.step_record(
+                    epoch=state.epoch + 1, epochs=args.epochs, step=step + 1, steps=steps, loss=meter.last_loss,
+                    loss_avg=meter.loss(), lr=state.optimizer.param_groups[0]["lr"], seconds_per_step=per_step,
+                    images_per_second=args.batch_size * runtime.world_size / per_step,
+                    solver=solver.metrics(["forward", "backward"]),
+                ))  # fmt: skip
+                last_time, last_step = now, step + 1
+        bar.close()
     seconds = time.time() - start
-    metrics = {"train_loss": meter.loss_sum / meter.samples, "train_top1": meter.acc(), "epoch_seconds": seconds}
+    metrics = {"train_loss": meter.loss(), "train_top1": meter.acc(), "epoch_seconds": seconds}
     metrics["images_per_second"] = meter.samples * runtime.world_size / seconds
-    metrics.update({key: float(np.mean(values)) for key, values in meter.solver.items() if key.endswith("mean")})
-    metrics.update({key: float(np.max(values)) for key, values in meter.solver.items() if not key.endswith("mean")})
+    solver_metrics = solver.metrics(["forward", "backward"])
+    if solver_metrics:  # the keys of earlier versions: the training forward's statistics over the blocks
+        metrics.update({
+            "solver_iters_mean": solver_metrics["fwd_iters_mean"],
+            "solver_iters_max": solver_metrics["fwd_iters_max"],
+            "solver_residual_max": solver_metrics["fwd_residual_max"],
+            "solver_unconverged": solver_metrics["fwd_unconverged"],
+        })  # fmt: skip
+    metrics.update(solver_metrics)
     return metrics
+
+
+@contextmanager
+def batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The loader's iterator, whose worker processes are shut down as soon as the loop ends, however it ends.
+
+    A loop left by an exception (a corrupt image, a non-finite loss) otherwise keeps the workers until the
+    garbage collector finds the iterator, and shutting them down from there waited 5 s per worker here.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only; safe to repeat
+        if shutdown is not None:
+            shutdown()
 
 
 def check_finite(loss: Tensor, epoch: int, step: int, runtime: Runtime) -> None:
@@ -454,83 +733,141 @@ def backward_and_step(args: argparse.Namespace, state: TrainState, loss: Tensor)
 
 
 @torch.no_grad()
-def evaluate(args: argparse.Namespace, model: nn.Module, loader: DataLoader, runtime: Runtime) -> dict[str, float]:
-    """Top-1/top-5 (percent) and loss over the whole validation set, summed over processes."""
+def evaluate(
+    args: argparse.Namespace, model: nn.Module, loader: DataLoader, runtime: Runtime, solver_stats: bool = True
+) -> dict[str, float]:
+    """Top-1/top-5 (percent), loss and (for iMixers) each block's eval-mode solver statistics over the whole
+    validation set, summed over processes (``val_fwd_*`` keys, see :meth:`logs.SolverMeter.metrics`)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, samples
-    for images, target in loader:
-        images, target = images.to(runtime.device), target.to(runtime.device)
-        with autocast(args, runtime.device):
-            logits = model(images)
-        logits = logits.float()
-        top1, top5 = accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
-        batch = target.shape[0]
-        loss = nn.functional.cross_entropy(logits, target, reduction="sum")
-        totals += torch.tensor(
-            [float(loss), float(top1) * batch / 100, float(top5) * batch / 100, batch], **_f64(runtime)
-        )
+    solver = logs.SolverMeter(len(logs.implicit_layers(model)), runtime.device)
+    with batches(loader) as iterator:
+        for images, target in iterator:
+            images, target = images.to(runtime.device), target.to(runtime.device)
+            with autocast(args, runtime.device):
+                logits = model(images)
+            if solver_stats:
+                solver.add(model, "eval")
+            logits = logits.float()
+            top1, top5 = accuracy(logits, target, topk=(1, min(5, logits.shape[1])))
+            batch = target.shape[0]
+            loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+            totals += torch.stack([loss.double(), top1.double() * batch / 100, top5.double() * batch / 100,
+                                   torch.tensor(batch, dtype=torch.float64, device=runtime.device)])  # fmt: skip
     if runtime.distributed:
         dist.all_reduce(totals)
     loss, top1, top5, samples = totals.tolist()
-    return {"val_loss": loss / samples, "val_top1": 100 * top1 / samples, "val_top5": 100 * top5 / samples}
-
-
-def _f64(runtime: Runtime) -> dict[str, Any]:
-    return {"dtype": torch.float64, "device": runtime.device}
+    metrics = {"val_loss": loss / samples, "val_top1": 100 * top1 / samples, "val_top5": 100 * top5 / samples}
+    if solver_stats:
+        solver.reduce(runtime.distributed)
+        metrics.update(solver.metrics(["eval"]))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints and the run folder
 
 
-class CheckpointError(Exception):
-    """A checkpoint is missing, corrupt or does not match the model."""
+def run_identity(args: argparse.Namespace, model: nn.Module, loaders: Loaders) -> dict[str, Any]:
+    """What makes two runs continuations of each other: ``--resume auto`` only picks a run with the same."""
+    return {
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        "img_size": loaders.img_size,
+        "model_kwargs": {key: repr(value) for key, value in sorted(args.model_kwargs.items())},
+        "implicit": getattr(model, "implicit_settings", None),
+    }
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Calls ``write(tmp_path)`` then renames onto ``path``: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def resolved_config(
+    args: argparse.Namespace, model: nn.Module, loaders: Loaders, runtime: Runtime, run_dir: Path | None,
+    resumed_from: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    """All flags, the model's resolved settings, the data, the versions and the seed: ``args.yaml``/``config.json``
+    and the ``config`` stored in every checkpoint."""
+    config = {
+        "args": vars(args),
+        "seed": args.seed,
+        "model": {
+            "name": args.model,
+            "architecture": timm.models.get_pretrained_cfg(args.model).architecture,
+            "num_classes": loaders.num_classes,
+            "in_chans": loaders.in_chans,
+            "img_size": loaders.img_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "implicit_settings": getattr(model, "implicit_settings", None),
+        },
+        "data": {
+            "dataset": args.dataset,
+            "train_images": loaders.train_images,
+            "val_images": loaders.val_images,
+            "batch_size_per_process": args.batch_size,
+            "global_batch_size": args.batch_size * runtime.world_size,
+            "steps_per_epoch": len(loaders.train),
+        },
+        "run": {
+            "dir": str(run_dir) if run_dir is not None else None,
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": resumed_from,
+            "world_size": runtime.world_size,
+            "device": str(runtime.device),
+            "command": " ".join(sys.argv),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "implicitlayers": il.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    return json.loads(json.dumps(config, default=repr))  # plain JSON types (tuples → lists), for YAML too
+
+
+def write_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """``config.json`` always; ``args.yaml`` (timm's name) when PyYAML is importable (timm depends on it)."""
+    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        import yaml
+    except ImportError:
+        return
+    ckpt.atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def save_checkpoint(
+    run_dir: Path, state: TrainState, args: argparse.Namespace, config: dict[str, Any], identity: dict[str, Any],
+    is_best: bool,
+) -> Path:  # fmt: skip
+    """Commits a checkpoint of ``state`` as ``last`` (and ``best``) through the run's manifest.
 
-
-def save_checkpoint(output: Path, tag: str, state: TrainState, args: argparse.Namespace) -> None:
-    """Writes ``<tag>.state.pt`` then ``<tag>.safetensors``, each atomically.
-
-    Both carry the epoch; a crash between the two renames leaves an epoch mismatch that
-    :func:`load_checkpoint` reports instead of silently mixing two epochs.
+    Weights go to ``model.safetensors`` with metadata (epoch, model, val top-1, the config as JSON), the rest
+    to ``state.pt`` (read back with ``weights_only=True``); see :func:`checkpoints.commit_checkpoint`.
     """
     model = unwrap(state.model)
+    config_text = json.dumps(config)
     training_state = {
         "epoch": state.epoch,
         "best_top1": state.best_top1,
+        "wall_seconds": state.wall_seconds,
         "history": json.dumps(state.history),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "ema": state.ema.state_dict() if state.ema is not None else None,
         "rng": {"torch": torch.get_rng_state(), "numpy": json.dumps(_numpy_rng()), "python": repr(random.getstate())},
-        "args": json.dumps(vars(args)),
+        "args": json.dumps(vars(args), default=repr),
+        "config": config_text,
     }
     if torch.cuda.is_available():
         training_state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    atomic_write(output / f"{tag}.state.pt", lambda tmp: torch.save(training_state, tmp))
     weights = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    metadata = {"epoch": str(state.epoch), "model": args.model}
-    atomic_write(output / f"{tag}.safetensors", lambda tmp: safetensors.torch.save_file(weights, tmp, metadata))
+    val_top1 = state.history[-1]["val_top1"] if state.history else math.nan
+    metadata = {"epoch": str(state.epoch), "model": args.model, "val_top1": repr(val_top1), "config": config_text}
+    return ckpt.commit_checkpoint(
+        run_dir, epoch=state.epoch, weights=weights, metadata=metadata, training_state=training_state,
+        identity=identity, is_best=is_best, best_top1=state.best_top1,
+    )  # fmt: skip
 
 
 def _numpy_rng() -> list[Any]:
@@ -538,50 +875,105 @@ def _numpy_rng() -> list[Any]:
     return [kind, keys.tolist(), pos, has_gauss, cached]
 
 
-def checkpoint_paths(resume: str, output: str) -> tuple[Path, Path]:
-    """(weights, state) paths for ``--resume`` ('auto', a prefix, or either file)."""
-    base = Path(output) / "last" if resume == "auto" else Path(resume)
-    name = base.name
-    for suffix in (".safetensors", ".state.pt"):
-        if name.endswith(suffix):
-            base = base.with_name(name[: -len(suffix)])
-    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".state.pt")
+def locate_run(args: argparse.Namespace, identity: dict[str, Any]) -> tuple[Path, ckpt.CheckpointRef | None]:
+    """The run folder to write into (created) and the checkpoint to resume from, if any.
 
-
-def load_checkpoint(resume: str, args: argparse.Namespace, state: TrainState, weights_only_ok: bool) -> None:
-    """Restores weights (and, unless ``weights_only_ok``, the whole training state) into ``state``.
+    * ``--experiment NAME``: the folder ``OUTPUT/NAME``. ``--resume auto`` continues it when it holds a committed
+      checkpoint and starts it otherwise; without ``--resume`` a folder that already holds a run is refused
+      (runs never overwrite each other).
+    * no ``--experiment``: ``--resume auto`` continues the latest run under ``OUTPUT`` with the same model,
+      data, image size, model kwargs and implicit settings; otherwise (or when there is none) a new folder
+      ``OUTPUT/<YYYYmmdd-HHMMSS>-<model>-<dataset>`` is created.
+    * ``--resume PATH`` loads that checkpoint and writes into the folder chosen as above.
 
     Raises:
-        CheckpointError: Missing, unreadable, torn or mismatched checkpoint.
+        CheckpointError: The named run folder holds a run and would be overwritten, or the checkpoint is unusable.
     """
-    weights_path, state_path = checkpoint_paths(resume, args.output)
-    if not weights_path.is_file():
-        raise CheckpointError(f"no checkpoint at {weights_path}")
-    try:
-        with safetensors.safe_open(str(weights_path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        weights = safetensors.torch.load_file(str(weights_path))
-    except Exception as error:  # safetensors raises its own error types for a torn or foreign file
-        raise CheckpointError(f"cannot read {weights_path}: {_first_line(error)}") from None
-    try:
-        unwrap(state.model).load_state_dict(weights)
-    except RuntimeError as error:
-        raise CheckpointError(f"{weights_path} does not match model {args.model}: {_first_line(error)}") from None
-    if weights_only_ok:
-        return
-    restore_training_state(state_path, metadata, state, args)
+    parent = Path(args.output)
+    resume_path = args.resume if args.resume not in (None, "auto") else None
+    ref = ckpt.resolve_checkpoint(resume_path) if resume_path else None
+    if args.experiment:
+        run_dir = parent / args.experiment
+        manifest = ckpt.read_manifest(run_dir) if run_dir.is_dir() else None
+        if args.resume == "auto" and manifest is not None:
+            ref = ckpt.resolve_checkpoint(run_dir)
+        elif manifest is not None and not (ref is not None and _inside(ref.weights, run_dir)):
+            raise CheckpointError(
+                f"{run_dir} already holds a run (epoch {manifest['last'].get('epoch')}): continue it with "
+                "--resume auto, or choose another --experiment"
+            )
+        return ckpt.claim_run_dir(parent, args.experiment, unique=False), ref
+    if args.resume == "auto":
+        found = ckpt.find_latest_run(parent, identity)
+        if found is not None:
+            return found, ckpt.resolve_checkpoint(found)
+    name = ckpt.default_experiment_name(args.model, args.dataset)
+    return ckpt.claim_run_dir(parent, name, unique=True), ref
 
 
-def restore_training_state(
-    state_path: Path, metadata: dict[str, str], state: TrainState, args: argparse.Namespace
-) -> None:
-    """Loads ``<tag>.state.pt`` (``weights_only=True``) and restores optimiser, schedule, RNG, EMA."""
-    try:
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types; all mean "unusable file"
-        raise CheckpointError(f"cannot read {state_path}: {_first_line(error)}") from None
-    if str(saved.get("epoch")) != metadata.get("epoch"):
-        raise CheckpointError(f"{state_path} (epoch {saved.get('epoch')}) and its weights (epoch "
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def checkpoint_to_evaluate(args: argparse.Namespace, identity: dict[str, Any]) -> ckpt.CheckpointRef:
+    """The checkpoint ``--eval-only`` reads: ``--resume PATH``, or for ``auto`` the run :func:`locate_run` would
+    continue (nothing is created)."""
+    if args.resume != "auto":
+        return ckpt.resolve_checkpoint(args.resume)
+    parent = Path(args.output)
+    run_dir = parent / args.experiment if args.experiment else ckpt.find_latest_run(parent, identity)
+    if run_dir is None or ckpt.read_manifest(run_dir) is None:
+        where = run_dir if run_dir is not None else f"{parent} (for {args.model} on {args.dataset} with these settings)"
+        raise CheckpointError(f"--resume auto found no checkpoint to evaluate in {where}")
+    return ckpt.resolve_checkpoint(run_dir)
+
+
+def check_compatible(ref: ckpt.CheckpointRef, args: argparse.Namespace, model: nn.Module, runtime: Runtime) -> None:
+    """Compares the checkpoint's implicit settings (stored config, or convert.py's metadata) with this model's.
+
+    Structural differences (reference loop vs solve, hidden_ratio, coeff: another function) refuse the
+    checkpoint unless ``--allow-implicit-mismatch``; numerical ones (solver, tolerance, budget, gradient mode,
+    power iterations) and a different model name print one warning line.
+
+    Raises:
+        CheckpointError: A structural mismatch.
+    """
+    metadata, config = ref.metadata(), ref.config()
+    saved = ckpt.saved_implicit_settings(metadata, config)
+    structural, numerical = ckpt.implicit_mismatches(saved, getattr(unwrap(model), "implicit_settings", None))
+    if structural and not args.allow_implicit_mismatch:
+        flags = ", ".join(_flag_for(key, saved[key]) for key in ckpt.STRUCTURAL_SETTINGS if key in saved
+                          and any(text.startswith(f"{key} ") for text in structural))  # fmt: skip
+        raise CheckpointError(
+            f"{ref.label} was trained with other implicit settings: {'; '.join(structural)}; pass the same flags "
+            f"({flags}) or --allow-implicit-mismatch to load it anyway"
+        )
+    notes = structural + numerical
+    saved_model = metadata.get("model")
+    if saved_model and saved_model != args.model:
+        notes.append(f"model {saved_model} (checkpoint) vs {args.model} (now)")
+    if notes:
+        warn(runtime, f"{ref.label} differs from this run: {'; '.join(notes)}")
+
+
+def _flag_for(key: str, value: Any) -> str:
+    flag = SETTING_FLAGS.get(key, key)
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
+def load_checkpoint(ref: ckpt.CheckpointRef, args: argparse.Namespace, state: TrainState, runtime: Runtime) -> None:
+    """Restores the weights and the whole training state from ``ref`` into ``state``.
+
+    Raises:
+        CheckpointError: Missing, unreadable, torn, mismatched or malformed checkpoint.
+    """
+    check_compatible(ref, args, state.model, runtime)
+    metadata = ref.metadata()
+    load_weights(ref, args, state.model)
+    saved = ref.load_state()
+    _validate_training_state(saved, ref.state)
+    if str(saved["epoch"]) != metadata.get("epoch"):
+        raise CheckpointError(f"{ref.state} (epoch {saved['epoch']}) and its weights (epoch "
                               f"{metadata.get('epoch')}) differ: the checkpoint is torn")  # fmt: skip
     try:
         state.optimizer.load_state_dict(saved["optimizer"])
@@ -593,11 +985,53 @@ def restore_training_state(
             state.scaler.load_state_dict(saved["scaler"])
         if state.ema is not None and saved["ema"] is not None:
             state.ema.load_state_dict(saved["ema"])
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{state_path} does not match this run: {_first_line(error)}") from None
+        history = json.loads(saved["history"])
+        restore_rng(saved["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, SyntaxError) as error:
+        raise CheckpointError(f"{ref.state} does not match this run: {_first_line(error)}") from None
+    if not isinstance(history, list):
+        raise CheckpointError(f"{ref.state}: its history is not a list of epochs")
     state.epoch, state.best_top1 = int(saved["epoch"]), float(saved["best_top1"])
-    state.history = json.loads(saved["history"])
-    restore_rng(saved["rng"])
+    state.history = history
+    state.wall_seconds = float(saved.get("wall_seconds", 0.0))
+
+
+# What state.pt must hold, and the types (checked before anything is restored).
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "epoch": (int,),
+    "best_top1": (float, int),
+    "history": (str,),
+    "optimizer": (dict,),
+    "scheduler": (dict,),
+    "scaler": (dict, type(None)),
+    "ema": (dict, type(None)),
+    "rng": (dict,),
+    "args": (str,),
+}
+
+
+def _validate_training_state(saved: dict[str, Any], path: Path | None) -> None:
+    for key, types in STATE_FIELDS.items():
+        if key not in saved:
+            raise CheckpointError(f"{path} is not a training state of this script: no {key!r} entry")
+        if not isinstance(saved[key], types) or isinstance(saved[key], bool):
+            raise CheckpointError(f"{path}: {key!r} is a {type(saved[key]).__name__}, not a training-state entry")
+    rng = saved["rng"]
+    if (
+        not isinstance(rng.get("torch"), Tensor)
+        or not isinstance(rng.get("numpy"), str)
+        or not isinstance(rng.get("python"), str)
+    ):
+        raise CheckpointError(f"{path}: 'rng' does not hold the torch, numpy and python generator states")
+
+
+def load_weights(ref: ckpt.CheckpointRef, args: argparse.Namespace, model: nn.Module) -> None:
+    """Loads the weights strictly into the (unwrapped) model."""
+    weights = ref.load_weights()
+    try:
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"{ref.weights} does not match model {args.model}: {_first_line(error)}") from None
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -630,6 +1064,12 @@ def log(runtime: Runtime, message: str) -> None:
         print(message, flush=True)
 
 
+def warn(runtime: Runtime, message: str) -> None:
+    """One warning line on stderr, rank 0 only."""
+    if runtime.is_main:
+        print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+
+
 def describe(model: nn.Module) -> str:
     """One line naming the model, its size and its token-mixer settings."""
     params = sum(p.numel() for p in model.parameters())
@@ -644,63 +1084,151 @@ def describe(model: nn.Module) -> str:
     return text
 
 
+def describe_solver(metrics: dict[str, Any], prefix: str) -> str:
+    """``iters 4.0/6 per block 4.0/5 3.9/6 ...`` for one phase's metrics (empty for the vanilla Mixer)."""
+    if f"{prefix}_iters_mean" not in metrics:
+        return ""
+    blocks = sorted(int(key.rsplit("_b", 1)[1]) for key in metrics if key.startswith(f"{prefix}_iters_b"))
+    per_block = " ".join(f"{metrics[f'{prefix}_iters_b{b}']:.1f}/{metrics[f'{prefix}_iters_max_b{b}']:.0f}"
+                         for b in blocks)  # fmt: skip
+    return (f"iterations mean/max {metrics[f'{prefix}_iters_mean']:.1f}/{metrics[f'{prefix}_iters_max']:.0f} "
+            f"(per block {per_block}), unconverged {metrics[f'{prefix}_unconverged']:.1%}, "
+            f"max residual {metrics[f'{prefix}_residual_max']:.2e}")  # fmt: skip
+
+
+def share_from_rank0(runtime: Runtime, compute: Callable[[], Any]) -> Any:
+    """Runs ``compute`` on rank 0 only and gives every process its result (or its CheckpointError)."""
+    if not runtime.distributed:
+        return compute()
+    box: list[Any] = [None]
+    if runtime.is_main:
+        try:
+            box[0] = ("ok", compute())
+        except CheckpointError as error:
+            box[0] = ("error", str(error))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Builds everything, trains (or evaluates) and writes the outputs; returns the summary."""
+    """Builds everything, trains (or evaluates) and writes the outputs; returns the summary (or eval metrics)."""
     runtime = init_runtime()
     set_threads(args, runtime)
     seed_everything(args.seed)
     loaders = build_loaders(args, runtime)
     model = build_model(args, loaders).to(runtime.device)
-    log(runtime, f"{args.model} on {args.dataset} ({loaders.img_size}px, {loaders.num_classes} classes): "
-                 f"{describe(model)}")  # fmt: skip
+    log(runtime, f"{args.model} on {args.dataset} ({loaders.img_size}px, {loaders.num_classes} classes, "
+                 f"batch {args.batch_size} x {runtime.world_size} process(es)): {describe(model)}")  # fmt: skip
     state = build_state(args, model, len(loaders.train), runtime.device)
-    output = Path(args.output)
-    if args.resume and (args.resume != "auto" or checkpoint_paths("auto", args.output)[0].is_file()):
-        load_checkpoint(args.resume, args, state, weights_only_ok=args.eval_only)
-        log(runtime, f"resumed from {checkpoint_paths(args.resume, args.output)[0]} after epoch {state.epoch}")
+    identity = run_identity(args, model, loaders)
     if args.eval_only:
-        metrics = evaluate(args, model, loaders.val, runtime)
-        log(runtime, f"eval: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%")
-        return metrics
+        return evaluate_checkpoint(args, state, loaders, runtime, identity)
+
+    def locate() -> tuple[str, tuple[str, str | None, str] | None]:
+        run_dir, ref = locate_run(args, identity)
+        return str(run_dir), (str(ref.weights), str(ref.state) if ref.state else None, ref.label) if ref else None
+
+    run_dir_text, ref_parts = share_from_rank0(runtime, locate)
+    run_dir = Path(run_dir_text)
+    ref = None
+    if ref_parts is not None:
+        weights, state_path, label = ref_parts
+        ref = ckpt.CheckpointRef(Path(weights), Path(state_path) if state_path else None, label)
+        load_checkpoint(ref, args, state, runtime)
+        log(runtime, f"resumed from {ref.label} after epoch {state.epoch} "
+                     f"({state.wall_seconds:.1f} s of training so far)")  # fmt: skip
+    config = resolved_config(args, model, loaders, runtime, run_dir, ref.label if ref else None)
+    if runtime.is_main:
+        write_config(run_dir, config)
+        ckpt.remove_stale(run_dir)  # what a crash of an earlier session left behind
+    log(runtime, f"run folder {run_dir}")
     if runtime.distributed:
         state.model = DistributedDataParallel(model)
-    if runtime.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-    return fit(args, state, loaders, runtime, output)
+    try:
+        return fit(args, state, loaders, runtime, run_dir, config, identity)
+    except NonFiniteLoss as error:
+        raise NonFiniteLoss(f"{error}; stopped, the last good checkpoint is kept in {run_dir}") from None
 
 
-def fit(args: argparse.Namespace, state: TrainState, loaders: Loaders, runtime: Runtime, output: Path) -> dict:
-    """The epoch loop: train, evaluate, log, checkpoint; then the summary."""
+def evaluate_checkpoint(
+    args: argparse.Namespace, state: TrainState, loaders: Loaders, runtime: Runtime, identity: dict[str, Any]
+) -> dict[str, Any]:
+    """``--eval-only``: loads the weights, evaluates, prints the checkpoint's epoch, accuracy and solver stats."""
+    ref = checkpoint_to_evaluate(args, identity)
+    check_compatible(ref, args, state.model, runtime)
+    metadata = ref.metadata()
+    load_weights(ref, args, state.model)
+    epoch = int(metadata["epoch"]) if metadata.get("epoch", "").isdigit() else None
+    metrics: dict[str, Any] = {"epoch": epoch, "checkpoint": str(ref.weights)}
+    metrics.update(evaluate(args, state.model, loaders.val, runtime))
+    trained = f"after epoch {epoch}" if epoch is not None else "epoch unknown (no training metadata)"
+    log(runtime, f"eval of {ref.label} ({trained}): top-1 {metrics['val_top1']:.2f}%  "
+                 f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")  # fmt: skip
+    solver = describe_solver(metrics, "val_fwd")
+    if solver:
+        log(runtime, f"eval solver: {solver}")
+    return metrics
+
+
+def fit(
+    args: argparse.Namespace, state: TrainState, loaders: Loaders, runtime: Runtime, run_dir: Path,
+    config: dict[str, Any], identity: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The epoch loop: train, evaluate, log, checkpoint; then the summary and the plot."""
     mixup = build_mixup(args, loaders.num_classes)
     loss_fn = build_loss(args, mixup)
-    start = time.time()
-    while state.epoch < args.epochs:
-        metrics = train_one_epoch(args, state, state.model, loaders, runtime, loss_fn, mixup)
-        metrics.update(evaluate(args, state.model, loaders.val, runtime))
-        if state.ema is not None:
-            metrics["ema_val_top1"] = evaluate(args, state.ema.module, loaders.val, runtime)["val_top1"]
-        state.epoch += 1
-        record_epoch(args, state, metrics, runtime, output)
-    wall = time.time() - start
+    tensorboard = logs.TensorBoardLog(run_dir) if args.tensorboard and runtime.is_main else None
+    session_start, wall_before = time.time(), state.wall_seconds
+    try:
+        while state.epoch < args.epochs:
+            metrics = train_one_epoch(args, state, loaders, runtime, loss_fn, mixup)
+            metrics.update(evaluate(args, state.model, loaders.val, runtime))
+            if state.ema is not None:
+                ema_metrics = evaluate(args, state.ema.module, loaders.val, runtime, solver_stats=False)
+                metrics["ema_val_top1"] = ema_metrics["val_top1"]
+            state.epoch += 1
+            state.wall_seconds = wall_before + (time.time() - session_start)
+            record_epoch(args, state, metrics, runtime, run_dir, config, identity)
+            if tensorboard is not None:
+                tensorboard.add_epoch(state.history[-1])
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+    session = time.time() - session_start
+    final = state.history[-1] if state.history else {}
+    best_epoch = max(state.history, key=lambda entry: entry["val_top1"])["epoch"] if state.history else None
     summary = {
         "model": args.model,
-        "final_top1": state.history[-1]["val_top1"] if state.history else None,
+        "final_top1": final.get("val_top1"),
         "best_top1": state.best_top1,
         "epochs": state.epoch,
-        "wall_seconds": wall,
+        "wall_seconds": state.wall_seconds,
         "args": vars(args),
+        "dataset": args.dataset,
+        "final_top5": final.get("val_top5"),
+        "best_epoch": best_epoch,
+        "session_seconds": session,
+        "run_dir": str(run_dir),
+        "implicit_settings": config["model"]["implicit_settings"],
+        "versions": config["versions"],
     }
     if runtime.is_main:
-        atomic_write(output / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    log(runtime, f"final val top-1 {summary['final_top1']:.2f}% (best {state.best_top1:.2f}%), "
-                 f"{state.epoch} epochs, {wall:.1f} s; outputs in {output}")  # fmt: skip
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=repr) + "\n")
+        logs.plot_training(state.history, run_dir / "training.png", f"{args.model} on {args.dataset} ({run_dir.name})")
+    final_text = f"{summary['final_top1']:.2f}%" if summary["final_top1"] is not None else "n/a"
+    log(runtime, f"final val top-1 {final_text} (best {state.best_top1:.2f}%), {state.epoch} epochs, "
+                 f"{state.wall_seconds:.1f} s of training in all; outputs in {run_dir}")  # fmt: skip
     return summary
 
 
 def record_epoch(
-    args: argparse.Namespace, state: TrainState, metrics: dict[str, Any], runtime: Runtime, output: Path
-) -> None:
-    """Appends to metrics.jsonl, prints one line and writes the last/best checkpoints (rank 0)."""
+    args: argparse.Namespace, state: TrainState, metrics: dict[str, Any], runtime: Runtime, run_dir: Path,
+    config: dict[str, Any], identity: dict[str, Any],
+) -> None:  # fmt: skip
+    """Appends to the history, prints one line, rewrites metrics.jsonl/.csv and commits the checkpoint (rank 0)."""
     metrics = {"epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"], **metrics}
     state.history.append(metrics)
     is_best = metrics["val_top1"] > state.best_top1
@@ -708,18 +1236,18 @@ def record_epoch(
     line = (f"epoch {state.epoch:3d}/{args.epochs}  loss {metrics['train_loss']:.4f}  "
             f"val top-1 {metrics['val_top1']:6.2f}%  {metrics['epoch_seconds']:.1f}s  "
             f"{metrics['images_per_second']:.0f} img/s")  # fmt: skip
-    if "solver_iters_mean" in metrics:
-        line += f"  iters {metrics['solver_iters_mean']:.1f}/{metrics['solver_iters_max']:.0f}"
-        line += f"  unconverged {metrics['solver_unconverged']:.1%}"
+    if "fwd_iters_mean" in metrics:
+        line += f"  fwd iters {metrics['fwd_iters_mean']:.1f}/{metrics['fwd_iters_max']:.0f}"
+        if "bwd_iters_mean" in metrics:
+            line += f"  bwd {metrics['bwd_iters_mean']:.1f}/{metrics['bwd_iters_max']:.0f}"
+        if "val_fwd_iters_mean" in metrics:
+            line += f"  val {metrics['val_fwd_iters_mean']:.1f}/{metrics['val_fwd_iters_max']:.0f}"
+        line += f"  unconverged {metrics['fwd_unconverged']:.1%}"
     log(runtime, line)
     if not runtime.is_main:
         return
-    # Rewritten from the checkpointed history, so a resumed run never repeats or loses an epoch's line.
-    lines = "".join(json.dumps(entry) + "\n" for entry in state.history)
-    atomic_write(output / "metrics.jsonl", lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
-    save_checkpoint(output, "last", state, args)
-    if is_best:
-        save_checkpoint(output, "best", state, args)
+    logs.write_metrics(run_dir, state.history)
+    save_checkpoint(run_dir, state, args, config, identity, is_best)
 
 
 @contextmanager
@@ -742,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
-        print(f"train.py: {error}; stopped, the last good checkpoint is kept in {args.output}", file=sys.stderr)
+        print(f"train.py: {error}", file=sys.stderr)
         return 1
     return 0
 

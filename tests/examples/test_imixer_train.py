@@ -2,7 +2,9 @@
 
 Runs use tiny models (``--model-kwargs embed_dim=8 num_blocks=1``) and one or two epochs; most call
 ``train.main`` in-process, and the CLI-level checks (exit status, one-line errors, torchrun) use
-subprocesses.
+subprocesses. Run folders, the config and crash-safe checkpoints are tested in
+``test_imixer_train_runs.py``; flag validation in ``test_imixer_train_flags.py``; logs, solver statistics
+and corrupt images in ``test_imixer_train_logs.py``. Those files import the helpers below.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,22 +24,48 @@ import torch
 from PIL import Image
 
 train = pytest.importorskip("examples.imixer.train")
+from examples.imixer import checkpoints  # noqa: E402  (after the importorskip)
 
 SCRIPT = Path(train.__file__).resolve()
-TINY = ["--model-kwargs", "embed_dim=8", "num_blocks=1", "--warmup-epochs", "0"]
+# One thread: on a small shared machine two OpenMP threads of tiny matrices wait on each other.
+TINY = ["--model-kwargs", "embed_dim=8", "num_blocks=1", "--warmup-epochs", "0", "--threads", "1"]
 METRIC_KEYS = {
     "epoch", "lr", "train_loss", "val_top1", "val_top5", "epoch_seconds", "images_per_second",
     "solver_iters_mean", "solver_iters_max", "solver_residual_max", "solver_unconverged",
 }  # fmt: skip
 
 
+@pytest.fixture
+def real_plots() -> None:
+    """Requested by the tests that check training.png (the others skip drawing it)."""
+
+
+@pytest.fixture(autouse=True)
+def _skip_plots(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing training.png takes about half of a tiny run's time; only tests using ``real_plots`` draw it."""
+    if "real_plots" not in request.fixturenames:
+        monkeypatch.setattr(train.logs, "plot_training", lambda *args, **kwargs: False)
+
+
 def run_main(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path]:
+    """``train.main`` with the tiny model, writing into the run folder ``tmp_path/name``."""
     output = tmp_path / name
-    return train.main([*TINY, "--output", str(output), "--no-progress", *args]), output
+    return train.main([*TINY, "--output", str(tmp_path), "--experiment", name, "--no-progress", *args]), output
+
+
+def checkpoint_files(output: Path, tag: str = "last") -> tuple[Path, Path]:
+    """(weights, state) of the run's ``last`` or ``best`` checkpoint, found through its manifest."""
+    manifest = json.loads((output / checkpoints.MANIFEST).read_text())
+    folder = output / manifest[tag]["path"]
+    return folder / checkpoints.WEIGHTS, folder / checkpoints.STATE
 
 
 def weights(output: Path, tag: str = "last") -> dict[str, torch.Tensor]:
-    return safetensors.torch.load_file(str(output / f"{tag}.safetensors"))
+    return safetensors.torch.load_file(str(checkpoint_files(output, tag)[0]))
+
+
+def saved_state(output: Path, tag: str = "last") -> dict:
+    return torch.load(checkpoint_files(output, tag)[1], weights_only=True)
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -108,7 +137,7 @@ def food101_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Training on each data path and the outputs
 
 
-def test_one_epoch_on_digits_writes_metrics_summary_and_checkpoints(tmp_path: Path) -> None:
+def test_one_epoch_on_digits_writes_metrics_summary_and_checkpoints(tmp_path: Path, real_plots: None) -> None:
     status, output = run_main(tmp_path, "--epochs", "1")
     assert status == 0
     lines = (output / "metrics.jsonl").read_text().splitlines()
@@ -117,11 +146,17 @@ def test_one_epoch_on_digits_writes_metrics_summary_and_checkpoints(tmp_path: Pa
     assert summary["model"] == "imixer_t2_8" and summary["epochs"] == 1
     assert 0 <= summary["final_top1"] <= 100 and summary["best_top1"] == summary["final_top1"]
     assert summary["args"]["dataset"] == "digits" and summary["wall_seconds"] > 0
+    assert summary["run_dir"] == str(output) and summary["best_epoch"] == 1
     for tag in ("last", "best"):
-        assert (output / f"{tag}.safetensors").is_file() and (output / f"{tag}.state.pt").is_file()
-    state = torch.load(output / "last.state.pt", weights_only=True)
+        assert all(path.is_file() for path in checkpoint_files(output, tag))
+    assert checkpoint_files(output, "last") == checkpoint_files(output, "best")  # one folder, referenced twice
+    state = saved_state(output)
     assert state["epoch"] == 1 and "optimizer" in state and "rng" in state
-    assert not list(output.glob("*.tmp")), "temporary checkpoint files were left behind"
+    assert list((output / "checkpoints").iterdir()) == [checkpoint_files(output)[0].parent]
+    assert not list(output.rglob("*.tmp")), "temporary checkpoint files were left behind"
+    for name in ("config.json", "args.yaml", "metrics.csv"):
+        assert (output / name).is_file(), name
+    assert (output / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_one_epoch_on_a_cifar10_directory(tmp_path: Path, cifar10_dir: Path) -> None:
@@ -132,8 +167,7 @@ def test_one_epoch_on_a_cifar10_directory(tmp_path: Path, cifar10_dir: Path) -> 
     assert status == 0
     metrics = json.loads((output / "metrics.jsonl").read_text())
     assert "ema_val_top1" in metrics and metrics["train_loss"] > 0
-    state = torch.load(output / "last.state.pt", weights_only=True)
-    assert state["ema"] is not None
+    assert saved_state(output)["ema"] is not None
 
 
 def test_one_epoch_on_cifar100_format_is_rejected_cleanly_without_data(tmp_path: Path, capsys) -> None:
@@ -158,12 +192,13 @@ def test_one_epoch_on_a_food101_directory(tmp_path: Path, food101_dir: Path) -> 
     assert weights(output)["head.weight"].shape == (2, 8)
 
 
-def test_vanilla_mixer_and_reference_mode_train(tmp_path: Path) -> None:
-    assert run_main(tmp_path, "--model", "mixer_t2_8", "--epochs", "1", name="mixer")[0] == 0
-    status, output = run_main(tmp_path, "--reference-iterations", "2", "--epochs", "1", name="ref")
+def test_vanilla_mixer_trains(tmp_path: Path) -> None:
+    """The baseline has no implicit layers: no solver keys (reference mode: test_imixer_train_logs.py)."""
+    status, output = run_main(tmp_path, "--model", "mixer_t2_8", "--epochs", "1")
     assert status == 0
     metrics = json.loads((output / "metrics.jsonl").read_text())
-    assert metrics["solver_iters_mean"] == metrics["solver_iters_max"] == 2
+    assert metrics["val_top1"] > 0 and not any("iters" in key for key in metrics)
+    assert json.loads((output / "config.json").read_text())["model"]["implicit_settings"] is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,13 +233,19 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, monkeypa
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
 
 
-def test_eval_only_reloads_the_best_checkpoint(tmp_path: Path, capsys) -> None:
-    status, output = run_main(tmp_path, "--epochs", "1")
-    best = json.loads((output / "summary.json").read_text())["best_top1"]
-    capsys.readouterr()
-    status, _ = run_main(tmp_path, "--eval-only", "--resume", str(output / "best.safetensors"), name="eval")
+def test_eval_only_reloads_the_best_checkpoint_and_reports_its_epoch_and_solver_stats(tmp_path: Path, capsys) -> None:
+    status, output = run_main(tmp_path, "--epochs", "2")
     assert status == 0
-    assert f"top-1 {best:.2f}%" in capsys.readouterr().out
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda entry: entry["val_top1"])
+    capsys.readouterr()
+    for spec in (output / "best", checkpoint_files(output, "best")[0]):
+        assert train.main([*TINY, "--eval-only", "--resume", str(spec), "--output", str(tmp_path / "eval")]) == 0
+        out = capsys.readouterr().out
+        assert f"(after epoch {best['epoch']}): top-1 {best['val_top1']:.2f}%" in out, out
+        # The eval-mode solver statistics of the checkpoint equal those recorded for that epoch.
+        assert f"iterations mean/max {best['val_fwd_iters_mean']:.1f}/{best['val_fwd_iters_max']:.0f}" in out
+    assert not (tmp_path / "eval").exists()  # --eval-only writes nothing
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
@@ -227,29 +268,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     status, output = run_main(tmp_path, "--epochs", "2", "--batch-size", "64")
     assert status == 1
     err = capsys.readouterr().err.strip()
-    assert "epoch 2, step 3" in err and len(err.splitlines()) == 1
-    assert torch.load(output / "last.state.pt", weights_only=True)["epoch"] == 1
+    assert "epoch 2, step 3" in err and len(err.splitlines()) == 1 and str(output) in err
+    assert saved_state(output)["epoch"] == 1
 
 
-@pytest.mark.parametrize("damage", ["garbage", "other_model", "torn"])
-def test_bad_checkpoints_exit_2(tmp_path: Path, capsys, damage: str) -> None:
-    status, output = run_main(tmp_path, "--epochs", "1")
+def _mutate_state(output: Path, change) -> None:
+    state_path = checkpoint_files(output)[1]
+    state = torch.load(state_path, weights_only=True)
+    torch.save(change(state), state_path)
+
+
+def _without(mapping: dict, key: str) -> dict:
+    return {name: value for name, value in mapping.items() if name != key}
+
+
+DAMAGE = {
+    "garbage": lambda out: checkpoint_files(out)[0].write_bytes(b"not a safetensors file"),
+    "torn": lambda out: _mutate_state(out, lambda state: {**state, "epoch": 7}),
+    "state_not_a_dict": lambda out: torch.save([1, 2, 3], checkpoint_files(out)[1]),
+    "state_missing_optimizer": lambda out: _mutate_state(out, lambda state: _without(state, "optimizer")),
+    "state_wrong_types": lambda out: _mutate_state(out, lambda state: {**state, "history": [], "rng": {"torch": 1}}),
+    "optimizer_of_another_model": lambda out: _mutate_state(out, lambda state: {**state, "optimizer": {"x": 1}}),
+    "manifest_garbage": lambda out: (out / checkpoints.MANIFEST).write_text("{not json"),
+    "manifest_names_missing_folder": lambda out: (out / checkpoints.MANIFEST).write_text(
+        json.dumps({"last": {"epoch": 1, "path": "checkpoints/epoch-0009"}})
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny 1-epoch digits run, copied by the tests that damage it."""
+    status, output = run_main(tmp_path_factory.mktemp("finished"), "--epochs", "1")
     assert status == 0
-    if damage == "garbage":
-        (output / "last.safetensors").write_bytes(b"not a safetensors file")
-        extra = []
-    elif damage == "other_model":
-        extra = ["--model-kwargs", "embed_dim=12", "num_blocks=1"]
-    else:
-        state = torch.load(output / "last.state.pt", weights_only=True)
-        state["epoch"] = 7
-        torch.save(state, output / "last.state.pt")
-        extra = []
+    return output
+
+
+@pytest.mark.parametrize("damage", [*DAMAGE, "other_model"])
+def test_bad_checkpoints_exit_2(tmp_path: Path, capsys, damage: str, finished_run: Path) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(finished_run, output)
+    extra = ["--model-kwargs", "embed_dim=12", "num_blocks=1"] if damage == "other_model" else []
+    if damage in DAMAGE:
+        DAMAGE[damage](output)
     capsys.readouterr()
-    status = train.main([*TINY, *extra, "--output", str(output), "--resume", "auto", "--epochs", "2"])
+    status = train.main([*TINY, *extra, "--output", str(tmp_path), "--experiment", "run", "--resume", "auto",
+                         "--epochs", "2", "--no-progress"])  # fmt: skip
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:")
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +327,7 @@ def test_bad_checkpoints_exit_2(tmp_path: Path, capsys, damage: str) -> None:
     ("args", "message"),
     [
         (["--model", "resnet_nonexistent"], "unknown model"),
-        (["--dataset", "mnist"], "unknown dataset"),
+        (["--dataset", "mnist"], "unknown --dataset 'mnist'"),
         (["--solver", "newton"], "unknown solver"),
         (["--backward", "adjoint"], "unknown backward"),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "cifar-10-batches-py"),
@@ -285,16 +352,24 @@ def test_cli_bad_input_has_no_traceback(tmp_path: Path) -> None:
 
 
 def test_default_command_with_reduced_epochs(tmp_path: Path) -> None:
-    """`python examples/imixer/train.py` (the digits iMixer), cut to one epoch."""
-    result = run_cli("--epochs", "1", "--output", str(tmp_path / "default"), cwd=tmp_path)
+    """`python examples/imixer/train.py` (the digits iMixer), cut to one epoch, in its default run folder.
+
+    Not a terminal: no tqdm bar; progress lines every --log-interval (50) steps and at the last step, which for
+    digits' 11 steps per epoch is the last step alone.
+    """
+    result = run_cli("--epochs", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "imixer_t2_8 on digits" in result.stdout and "final val top-1" in result.stdout
-    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    (run_dir,) = (tmp_path / "runs" / "imixer").iterdir()
+    assert run_dir.name.endswith("-imixer_t2_8-digits") and run_dir.name[:15].replace("-", "").isdigit()
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_top1"] > 30  # one epoch of the real recipe is already far above chance
+    assert result.stdout.count("Train: 1/1 [") == 1 and "Train: 1/1 [11/11 (100%)]" in result.stdout
+    assert "\r" not in result.stdout  # no progress bar in a pipe
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    """Two processes with batch 16 each equal one process with batch 32, up to float rounding.
+    """Two processes with batch 16 each (-b is per process) equal one process with batch 32, up to rounding.
 
     Random augmentation is off: each process draws its own crops, so with it the runs are equal in
     distribution only.
@@ -303,17 +378,29 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     tolerance would agree only to about that tolerance: a row whose residual lands near tol in one
     run may take one step more or less in the other (matmul rounding depends on the batch shape).
     """
-    args = [*TINY, "--epochs", "1", "--batch-size", "32", "--no-progress", "--reference-iterations", "2", "--no-aug"]
+    args = [
+        *TINY,
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--reference-iterations",
+        "2",
+        "--no-aug",
+        "--output",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
     result = subprocess.run(
-        [*command, *args, "--output", str(tmp_path / "ddp")], cwd=tmp_path, capture_output=True, text=True,
-        timeout=240, env=env,
+        [*command, *args, "--batch-size", "16", "--experiment", "ddp"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=240, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final val top-1") == 1  # rank 0 logs alone
     assert (tmp_path / "ddp" / "summary.json").is_file()
-    assert train.main([*args, "--output", str(tmp_path / "single")]) == 0
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert config["data"]["global_batch_size"] == 32 and config["run"]["world_size"] == 2
+    assert train.main([*args, "--batch-size", "32", "--experiment", "single"]) == 0
     ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     for key in single:
         if key.endswith("mlp_tokens.fc2.bias"):

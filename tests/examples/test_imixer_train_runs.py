@@ -1,0 +1,279 @@
+"""examples/imixer/train.py: run folders, resume, the saved config, implicit-settings checks, crash-safe checkpoints.
+
+Tiny digits runs (one or two epochs, ``embed_dim=8``, one block), in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from tests.examples.test_imixer_train import (  # noqa: F401  (_skip_plots: an autouse fixture)
+    TINY,
+    _skip_plots,
+    checkpoint_files,
+    run_main,
+    saved_state,
+    weights,
+)
+
+train = pytest.importorskip("examples.imixer.train")
+from examples.imixer import checkpoints  # noqa: E402
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with the hash of its contents."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def history(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def main_in(parent: Path, *args: str) -> int:
+    """``train.main`` with the tiny model under ``--output parent`` (no --experiment unless given)."""
+    return train.main([*TINY, "--output", str(parent), "--no-progress", *args])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def test_runs_get_their_own_folders_and_never_overwrite_each_other(tmp_path: Path, capsys) -> None:
+    """The issue's case: the default run, then ``--reference-iterations 2``, must both survive."""
+    assert main_in(tmp_path, "--epochs", "1") == 0
+    (first,) = tmp_path.iterdir()
+    before = fingerprint(first)
+    assert main_in(tmp_path, "--epochs", "1", "--reference-iterations", "2") == 0
+    folders = sorted(path.name for path in tmp_path.iterdir())
+    assert len(folders) == 2 and all("-imixer_t2_8-digits" in name for name in folders)
+    assert fingerprint(first) == before  # metrics, summary, config and checkpoints untouched
+
+    # A chosen --experiment that already holds a run is refused (one line), and left as it was.
+    assert main_in(tmp_path, "--epochs", "1", "--experiment", "named") == 0
+    named = fingerprint(tmp_path / "named")
+    capsys.readouterr()
+    assert main_in(tmp_path, "--epochs", "1", "--experiment", "named") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--resume auto" in err
+    assert fingerprint(tmp_path / "named") == named
+
+
+def test_generated_names_never_collide(tmp_path: Path) -> None:
+    """Runs started in the same second get -2, -3 ... (mkdir is atomic: one process wins each name)."""
+    name = checkpoints.default_experiment_name("imixer_t4_32", "cifar10")
+    folders = [checkpoints.claim_run_dir(tmp_path, name, unique=True) for _ in range(3)]
+    assert [folder.name for folder in folders] == [name, f"{name}-2", f"{name}-3"]
+    assert name[:8].isdigit() and name[8] == "-" and name.endswith("-imixer_t4_32-cifar10")
+
+
+def test_resume_auto_continues_the_latest_run_with_the_same_settings(tmp_path: Path, capsys) -> None:
+    assert main_in(tmp_path, "--epochs", "1") == 0
+    (solved,) = tmp_path.iterdir()
+    assert main_in(tmp_path, "--epochs", "1", "--reference-iterations", "2", "--experiment", "ref") == 0
+    ref_before = fingerprint(tmp_path / "ref")
+
+    first = json.loads((solved / "summary.json").read_text())
+
+    # Without --experiment: the latest run of this model, data and implicit settings (not the newer ref run).
+    assert main_in(tmp_path, "--epochs", "2", "--resume", "auto") == 0
+    assert [entry["epoch"] for entry in history(solved)] == [1, 2]
+    assert fingerprint(tmp_path / "ref") == ref_before
+    # The total training time goes on from the checkpoint's.
+    second = json.loads((solved / "summary.json").read_text())
+    epoch_2 = history(solved)[1]["epoch_seconds"]
+    assert second["wall_seconds"] == pytest.approx(first["wall_seconds"] + epoch_2, rel=0.5)
+    assert second["wall_seconds"] > first["wall_seconds"] and second["session_seconds"] < second["wall_seconds"]
+    # Resuming the finished run trains nothing and keeps the recorded total exactly.
+    assert main_in(tmp_path, "--epochs", "2", "--resume", "auto") == 0
+    third = json.loads((solved / "summary.json").read_text())
+    assert third["wall_seconds"] == second["wall_seconds"] and third["epochs"] == 2
+    # With --experiment: that folder.
+    assert main_in(tmp_path, "--epochs", "2", "--resume", "auto", "--reference-iterations", "2",
+                   "--experiment", "ref") == 0  # fmt: skip
+    assert [entry["epoch"] for entry in history(tmp_path / "ref")] == [1, 2]
+    # No matching run (another model): a new folder, from scratch.
+    capsys.readouterr()
+    assert main_in(tmp_path, "--epochs", "1", "--resume", "auto", "--model", "mixer_t2_8") == 0
+    assert "resumed" not in capsys.readouterr().out
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_resume_from_a_path_writes_into_a_new_folder(tmp_path: Path, one_epoch: Path) -> None:
+    source = one_epoch
+    before = fingerprint(source)
+    assert run_main(tmp_path, "--epochs", "2", "--resume", str(source / "last"), name="continued")[0] == 0
+    assert fingerprint(source) == before
+    assert [entry["epoch"] for entry in history(tmp_path / "continued")] == [1, 2]
+    config = json.loads((tmp_path / "continued" / "config.json").read_text())
+    assert config["run"]["resumed_from"].startswith(str(source / "last"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The resolved config
+
+
+def test_config_is_saved_in_the_folder_and_in_every_checkpoint(one_epoch: Path) -> None:
+    output = one_epoch
+    config = json.loads((output / "config.json").read_text())
+    assert yaml.safe_load((output / "args.yaml").read_text()) == config
+    assert config["seed"] == 0 and config["args"]["drop_path"] == 0.1 and config["args"]["lr"] == 4e-3
+    assert config["args"]["tol"] is None  # the flag as given; the model's resolved value is below
+    settings = config["model"]["implicit_settings"]
+    assert settings["tol"] == 1e-3 and settings["solver"] == "anderson" and settings["reference_iterations"] is None
+    assert settings["hidden_ratio"] == 2.0 and settings["max_iter"] == 30
+    assert set(config["versions"]) >= {"torch", "timm", "implicitlayers"}
+    assert config["versions"]["torch"] == torch.__version__
+    assert config["data"]["train_images"] == 1437 and config["data"]["global_batch_size"] == 128
+    weights_path, _ = checkpoint_files(output)
+    with safetensors.safe_open(str(weights_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["config"]) == config and metadata["epoch"] == "1"
+    assert json.loads(saved_state(output)["config"]) == config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Implicit settings checked on load
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    status, output = run_main(tmp_path_factory.mktemp("ref"), "--epochs", "1", "--reference-iterations", "2")
+    assert status == 0
+    return output
+
+
+def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, tmp_path: Path, capsys) -> None:
+    best = str(reference_run / "best")
+    assert train.main([*TINY, "--eval-only", "--resume", best]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reference_iterations 2 (checkpoint) vs None (now)" in err
+    assert "--reference-iterations 2" in err and "--allow-implicit-mismatch" in err
+
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--reference-iterations", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "(after epoch 1)" in captured.out
+
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("train.py: warning:") and "reference_iterations" in err
+
+    # Resuming training with another structural setting is refused the same way.
+    shutil.copytree(reference_run, tmp_path / "run")
+    assert run_main(tmp_path, "--epochs", "2", "--resume", "auto", "--reference-iterations", "3")[0] == 2
+    assert "reference_iterations 2 (checkpoint) vs 3 (now)" in capsys.readouterr().err
+
+
+def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Path, capsys) -> None:
+    output = tmp_path / "run"
+    shutil.copytree(one_epoch, output)
+    assert run_main(tmp_path, "--epochs", "2", "--resume", "auto", "--tol", "1e-4", "--backward", "jfb")[0] == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tol 0.001 (checkpoint) vs 0.0001 (now)" in err
+    assert "backward ift (checkpoint) vs jfb (now)" in err
+    assert json.loads(saved_state(output)["config"])["model"]["implicit_settings"]["tol"] == 1e-4
+
+
+def test_converted_weights_carry_reference_iterations(tmp_path: Path, reference_run: Path, capsys) -> None:
+    """convert.py writes weights alone with metadata reference_iterations: checked, and eval-only works."""
+    tensors = weights(reference_run)
+    converted = tmp_path / "converted.safetensors"
+    safetensors.torch.save_file(tensors, str(converted), {"model": "imixer_t2_8", "reference_iterations": "2"})
+    assert train.main([*TINY, "--eval-only", "--resume", str(converted)]) == 2
+    assert "reference_iterations 2 (checkpoint) vs None (now)" in capsys.readouterr().err
+    assert train.main([*TINY, "--eval-only", "--resume", str(converted), "--reference-iterations", "2"]) == 0
+    assert "epoch unknown" in capsys.readouterr().out
+    # Weights alone cannot resume training: one line saying so.
+    assert run_main(tmp_path, "--resume", str(converted), "--reference-iterations", "2")[0] == 2
+    assert "can be evaluated (--eval-only) but not resumed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Crash-safe checkpoints: a crash at any point of a commit leaves the last complete checkpoint in force
+
+
+class Crash(BaseException):
+    """Stands for kill -9: nothing in train.py catches it (BaseException), nothing is cleaned up."""
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    status, output = run_main(tmp_path_factory.mktemp("one"), "--epochs", "1", "--drop-path", "0.1")
+    assert status == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_epochs(one_epoch: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights after epoch 2 of the uninterrupted run (continued from ``one_epoch``)."""
+    parent = tmp_path_factory.mktemp("two")
+    shutil.copytree(one_epoch, parent / "run")
+    assert run_main(parent, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")[0] == 0
+    return weights(parent / "run")
+
+
+def _leave_a_torn_manifest(run_dir: Path, manifest: dict) -> None:
+    """kill -9 inside the manifest's atomic write: its temporary file is written, not yet renamed."""
+    (run_dir / ".checkpoints.json.x1y2.tmp").write_text(json.dumps(manifest)[:40])
+    raise Crash
+
+
+CRASH_POINTS = {
+    # step replaced: (when, does the epoch-2 checkpoint count afterwards?)
+    "_write_state": ("before", False),
+    "_write_weights": ("after", False),
+    "_publish": ("after", False),
+    "_write_manifest": ("during", False),
+    "remove_stale": ("before", True),
+}
+
+
+@pytest.mark.parametrize("step", CRASH_POINTS)
+def test_a_crash_at_any_point_of_a_commit_resumes_from_the_last_complete_checkpoint(
+    step: str, tmp_path: Path, one_epoch: Path, two_epochs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch, run_dir)
+    when, committed = CRASH_POINTS[step]
+    real = getattr(checkpoints, step)
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if step == "remove_stale" and calls["n"] == 1:  # run start: the cleanup of earlier sessions
+            return real(*args, **kwargs)
+        if when == "during":
+            _leave_a_torn_manifest(*args)
+        if when == "after":
+            real(*args, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(checkpoints, step, crashing)
+    (run_dir / ".summary.json.abc123.tmp").write_text("{")  # an older kill -9 during another atomic write
+    with pytest.raises(Crash):
+        run_main(tmp_path, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")
+    monkeypatch.setattr(checkpoints, step, real)
+
+    manifest = checkpoints.read_manifest(run_dir)
+    assert manifest["last"]["epoch"] == (2 if committed else 1)
+    assert saved_state(run_dir)["epoch"] == manifest["last"]["epoch"]  # the pair always agrees
+
+    assert run_main(tmp_path, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")[0] == 0
+    resumed = weights(run_dir)
+    for key, value in two_epochs.items():
+        assert torch.equal(resumed[key], value), key  # as if nothing had happened
+    assert [entry["epoch"] for entry in history(run_dir)] == [1, 2]
+    assert not list(run_dir.rglob("*.tmp")), "stale temporary files were left"
+    referenced = {Path(checkpoints.read_manifest(run_dir)[tag]["path"]).name for tag in ("last", "best")}
+    assert {path.name for path in (run_dir / "checkpoints").iterdir()} == referenced
