@@ -16,7 +16,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["DATASETS", "DATASET_ALIASES", "DataError", "DatasetSplits", "DigitsDataset", "build_datasets", "canonical"]
+__all__ = [
+    "DATASETS",
+    "DATASET_ALIASES",
+    "DataError",
+    "DatasetSplits",
+    "DigitsDataset",
+    "build_datasets",
+    "canonical",
+    "patch_timm_posterize",
+]
 
 DATASETS = ("digits", "cifar10", "cifar100", "food101", "imagefolder")
 
@@ -235,6 +244,50 @@ def corrupt_image_message(path: str, error: BaseException) -> str:
         f"cannot read image {path}: {reason}; remove or replace the file and restart "
         "(--resume auto continues from the last checkpoint)"
     )
+
+
+_TIMM_POSTERIZE: Callable[..., Image.Image] | None = None  # timm's own posterize, once patched
+
+
+def _posterize_zero_bits_black(img: Image.Image, bits_to_keep: int, **kwargs: object) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving the black image Pillow < 11 gave (every value masked away)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _TIMM_POSTERIZE(img, bits_to_keep, **kwargs)
+
+
+def patch_timm_posterize() -> bool:
+    """Lets timm's RandAugment/AutoAugment posterize keep 0 bits under a Pillow that refuses it.
+
+    timm maps the top magnitude of "increasing" posterize (``inc1`` policies such as the recipes'
+    ``rand-m9-mstd0.5-inc1``, whenever the sampled magnitude reaches 10) and low magnitudes of plain posterize to
+    0 bits kept. Pillow up to 10 returned a black image for that; newer Pillow raises ``ValueError: bits must be
+    between or equal to 1 and 8``, which stopped a training run at a random step. This restores the black image
+    in timm's operator table (before the transforms are built; idempotent; nothing changes under a Pillow that
+    accepts 0 bits).
+
+    Returns:
+        Whether timm's table was patched (now or earlier).
+    """
+    global _TIMM_POSTERIZE
+    from PIL import ImageOps
+    from timm.data import auto_augment
+
+    if _TIMM_POSTERIZE is not None:
+        return True
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    original = auto_augment.NAME_TO_OP.get("PosterizeIncreasing")
+    if original is None:
+        return False
+    _TIMM_POSTERIZE = original
+    for name, operation in auto_augment.NAME_TO_OP.items():
+        if operation is original:
+            auto_augment.NAME_TO_OP[name] = _posterize_zero_bits_black
+    return True
 
 
 class NamedReadErrors(Dataset):

@@ -463,6 +463,8 @@ def build_loaders(args: argparse.Namespace, runtime: Runtime) -> Loaders:
     hflip = args.hflip if args.hflip is not None else (0.0 if args.dataset == "digits" else 0.5)
     scale = tuple(args.scale) if args.scale else ((0.8, 1.0) if args.dataset == "digits" else None)
     common = {"input_size": (in_chans, img_size, img_size), "interpolation": cfg.interpolation, "mean": mean}
+    if args.aa:
+        data.patch_timm_posterize()  # timm + Pillow >= 11 raise on 0 posterize bits mid-training otherwise
     try:
         train_tf = create_transform(
             **common, std=std, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale,

@@ -201,6 +201,19 @@ def test_vanilla_mixer_trains(tmp_path: Path) -> None:
     assert json.loads((output / "config.json").read_text())["model"]["implicit_settings"] is None
 
 
+def test_randaugment_posterize_at_full_magnitude_is_a_black_image_not_an_error() -> None:
+    """timm keeps 0 posterize bits at magnitude 10 of "inc1" policies (the recipes' rand-m9-mstd0.5-inc1 reaches it
+    through its magnitude noise); Pillow >= 11 raises there, which stopped runs at a random step."""
+    from timm.data import auto_augment
+
+    train.data.patch_timm_posterize()
+    image = Image.new("RGB", (4, 4), (200, 100, 50))
+    black = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert black.mode == "RGB" and np.asarray(black).max() == 0
+    two_bits = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image)  # 4 - int(5 / 10 * 4)
+    assert np.asarray(two_bits)[0, 0].tolist() == [200 & 0xC0, 100 & 0xC0, 50 & 0xC0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resume and checkpoints
 
