@@ -61,6 +61,11 @@ class SolveConfig:
         tol: Per-sample tolerance (>= 0).
         stop_mode: ``"rel"`` or ``"abs"``.
         options: Solver-specific options.
+        compact_rows: In a forward solve, evaluate f only on the samples still iterating once at
+            most half of them are (the built-in solvers; see :func:`implicitlayers.solvers.iterate`).
+            Only for an f that treats samples independently and keeps no per-sample state between
+            calls (not :class:`~implicitlayers.VariationalDropout`, whose mask has the full batch's
+            shape). Linear (adjoint and tangent) solves always evaluate every sample.
     """
 
     solver: str = "anderson"
@@ -68,10 +73,13 @@ class SolveConfig:
     tol: float = 1e-4
     stop_mode: str = "rel"
     options: dict[str, Any] = field(default_factory=dict)
+    compact_rows: bool = False
 
     def __post_init__(self) -> None:
         get_solver(self.solver)
         validate_solve_args(self.max_iter, self.tol, self.stop_mode)
+        if not isinstance(self.compact_rows, bool):
+            raise ValueError(f"compact_rows must be True or False, got {self.compact_rows!r}")
 
     def run(self, f: Callable[[Tensor], Tensor], z0: Tensor) -> SolverResult:
         return solve(
@@ -119,13 +127,17 @@ class ModuleFunction:
     def __call__(self, z: Tensor, x: Tensor, *tensors: Tensor) -> Tensor:
         return self.bind((x, *tensors), lambda f: f(z))
 
-    def bind(self, inputs: Sequence[Tensor], body: Callable[[Callable[[Tensor], Tensor]], Any]) -> Any:
-        """Runs ``body(z ↦ f(z, *inputs))`` with the module's tensors swapped once for ``inputs[1:]``."""
+    def bind(self, inputs: Sequence[Tensor], body: Callable[[Callable[..., Tensor]], Any]) -> Any:
+        """Runs ``body(z ↦ f(z, *inputs))`` with the module's tensors swapped once for ``inputs[1:]``.
+
+        The bound function also takes replacement inputs, ``f(z, x_rows, *tensors)``, for evaluating
+        a subset of the samples; the module's tensors stay those swapped in.
+        """
         x, *tensors = inputs
         named = dict(zip(self.names, tensors, strict=True))
         parametrized = [name for name in named if _parametrization_of(self.module, name) is not None]
         plain = {f"module.{name}": tensor for name, tensor in named.items() if name not in parametrized}
-        runner = _Runner(self.module, lambda: body(lambda z: self.fn(z, x)))
+        runner = _Runner(self.module, lambda: body(lambda z, *replaced: self.fn(z, replaced[0] if replaced else x)))
         with _computed_parametrizations(self.module, {name: named[name] for name in parametrized}):
             return torch.func.functional_call(runner, plain, (), strict=False)
 
@@ -183,10 +195,11 @@ def _computed_parametrizations(module: nn.Module, computed: dict[str, Tensor]):
             sub.parametrizations[attribute] = original
 
 
-def _bind(f: PureFunction, inputs: Sequence[Tensor], body: Callable[[Callable[[Tensor], Tensor]], Any]) -> Any:
+def _bind(f: PureFunction, inputs: Sequence[Tensor], body: Callable[[Callable[..., Tensor]], Any]) -> Any:
+    """``body(bound)`` with ``bound(z) = f(z, *inputs)`` (and ``bound(z, *other_inputs)`` for a subset)."""
     if isinstance(f, ModuleFunction):
         return f.bind(inputs, body)
-    return body(lambda z: f(z, *inputs))
+    return body(lambda z, *replaced: f(z, *(replaced or inputs)))
 
 
 class _Problem:
@@ -648,7 +661,16 @@ def _forward_solve(
     if problem.detect_captures:
         detached = [i.detach() for i in inputs]
         probe = lambda z: problem.f(z, *detached)  # noqa: E731
-    recorded = _LastEvaluation(f, graph=problem.record_graph, probe=probe)
+    rows = None
+    if problem.forward.compact_rows:
+
+        def rows(z_rows: Tensor, index: Tensor) -> Tensor:
+            chosen = [
+                t.index_select(0, index) if each else t for t, each in zip(leaves, problem.per_sample, strict=True)
+            ]
+            return f(z_rows, *chosen)
+
+    recorded = _LastEvaluation(f, graph=problem.record_graph, probe=probe, rows=rows)
     result = problem.forward.run(recorded, z0.detach())
     z_leaf, fz = recorded.at(result.z.to(z0.dtype))
     problem.captures = recorded.captures
@@ -676,13 +698,29 @@ class _LastEvaluation:
     the first evaluation, with grad enabled, to learn whether f captures tensors that require grad.
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor], *, graph: bool, probe: Callable[[Tensor], Tensor] | None) -> None:
+    def __init__(
+        self,
+        f: Callable[[Tensor], Tensor],
+        *,
+        graph: bool,
+        probe: Callable[[Tensor], Tensor] | None,
+        rows: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:
         self.f = f
         self.graph = graph
         self.probe = probe
         self.captures = False
         self.z: Tensor | None = None
         self.fz: Tensor | None = None
+        if rows is not None:
+            self._f_rows = rows
+            self.rows = self._rows  # the solver driver evaluates only active samples through it
+
+    def _rows(self, z_rows: Tensor, index: Tensor) -> Tensor:
+        """f on some samples, without a graph: the output's graph comes from one full evaluation."""
+        self.z = self.fz = None
+        with torch.no_grad():
+            return _checked(self._f_rows(z_rows.detach(), index))
 
     def __call__(self, z: Tensor) -> Tensor:
         if self.probe is not None:

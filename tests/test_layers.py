@@ -400,3 +400,57 @@ def test_correction_states_follow_the_solve_with_one_step_gradients():
     assert layer.correction_states is None  # training only
     with pytest.raises(ValueError, match="correction_states"):
         il.ImplicitLayer(cell, correction_states=-1)
+
+
+def test_compact_rows_gives_the_same_values_and_gradients_for_fewer_evaluations():
+    torch.manual_seed(0)
+
+    class CountingCell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = il.spectral_norm(nn.Linear(6, 6), coeff=0.9)
+            self.rows_seen = 0
+
+        def forward(self, z, x):
+            self.rows_seen += len(z)
+            return torch.tanh(self.mix(z) + x)
+
+    cell = CountingCell().double().eval()
+    # Large inputs saturate tanh (a fast contraction), small ones do not: a few slow samples.
+    scale = torch.full((32, 1), 20.0, dtype=torch.float64)
+    scale[:4] = 1e-2
+    x = torch.randn(32, 6, dtype=torch.float64) * scale
+    results = {}
+    for compact in (False, True):
+        cell.rows_seen = 0
+        layer = il.ImplicitLayer(cell, tol=1e-11, max_iter=300, compact_rows=compact)
+        xr = x.clone().requires_grad_()
+        out = layer(xr)
+        grads = torch.autograd.grad(out.square().sum(), [xr, *cell.parameters()])
+        results[compact] = (out.detach(), grads, cell.rows_seen, layer.stats.nstep)
+    (out_a, grads_a, seen_a, nstep_a), (out_b, grads_b, seen_b, nstep_b) = results[False], results[True]
+    assert torch.equal(nstep_a, nstep_b)  # each sample iterates as if alone
+    torch.testing.assert_close(out_b, out_a, rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+    assert int(nstep_b.max()) > 2 * int(nstep_b.min())  # a spread the compaction can use
+    assert seen_b < seen_a
+
+
+def test_compact_rows_refuses_variational_dropout_and_bad_values():
+    class Cell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix = il.spectral_norm(nn.Linear(4, 4), coeff=0.5)
+            self.drop = il.VariationalDropout(0.2)
+
+        def forward(self, z, x):
+            return torch.tanh(self.drop(self.mix(z)) + x)
+
+    layer = il.ImplicitLayer(Cell(), compact_rows=True)
+    with pytest.raises(ValueError, match=r"compact_rows=True .* VariationalDropout"):
+        layer(torch.randn(3, 4))
+    layer.eval()
+    assert layer(torch.randn(3, 4)).shape == (3, 4)  # dropout is the identity in eval mode
+    with pytest.raises(ValueError, match="compact_rows must be True or False"):
+        il.ImplicitLayer(Cell(), compact_rows=1)

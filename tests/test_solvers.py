@@ -363,3 +363,51 @@ def test_a_samples_adjoint_estimate_does_not_depend_on_the_batch_it_is_solved_in
 def test_solvers_without_memory_offer_no_adjoint_estimate():
     result = il.solve(lambda z: 0.5 * z + 1, torch.zeros(2, 3), solver="picard")
     assert result.adjoint_estimate is None and result.detach().adjoint_estimate is None
+
+
+# ------------------------------------------------------------------ evaluating only active rows
+class _RowCountingMap:
+    """z ↦ W z + b per sample (rows of very different contraction), counting the rows f is given."""
+
+    def __init__(self, batch: int, dim: int, seed: int, with_rows: bool = True) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        if with_rows:
+            self.rows = self.evaluate_rows
+        rates = torch.linspace(0.01, 0.95, batch, dtype=torch.float64)
+        weights = torch.randn(batch, dim, dim, generator=generator, dtype=torch.float64)
+        self.weights = rates[:, None, None] * weights / torch.linalg.matrix_norm(weights, ord=2)[:, None, None]
+        self.drive = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+        self.rows_seen = 0
+
+    def __call__(self, z):
+        self.rows_seen += len(z)
+        return torch.einsum("bij,bj->bi", self.weights, z) + self.drive
+
+    def evaluate_rows(self, z, index):
+        self.rows_seen += len(z)
+        return torch.einsum("bij,bj->bi", self.weights[index], z) + self.drive[index]
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+def test_a_map_with_rows_is_evaluated_only_on_the_samples_still_iterating(solver):
+    full, compact = _RowCountingMap(40, 6, 0, with_rows=False), _RowCountingMap(40, 6, 0)
+    plain = il.solve(full, torch.zeros(40, 6, dtype=torch.float64), solver=solver, tol=1e-10, max_iter=400)
+    rows = il.solve(compact, torch.zeros(40, 6, dtype=torch.float64), solver=solver, tol=1e-10, max_iter=400)
+    assert bool(plain.converged.all()) and bool(rows.converged.all())
+    assert torch.equal(plain.nstep, rows.nstep)  # each sample's iterations are its own
+    torch.testing.assert_close(rows.z, plain.z, rtol=1e-12, atol=1e-12)
+    assert full.rows_seen == 40 * int(plain.nstep.max())  # every row, every evaluation
+    # Evaluation k sees the a_k samples still iterating (nstep > k), all 40 while more than half are.
+    active = [int((rows.nstep > k).sum()) for k in range(int(rows.nstep.max()))]
+    expected = sum(40 if k == 0 or 2 * a > 40 else a for k, a in enumerate(active))
+    assert compact.rows_seen == expected < full.rows_seen
+
+
+def test_a_row_evaluator_of_the_wrong_shape_is_reported():
+    class Wrong(_RowCountingMap):
+        def evaluate_rows(self, z, index):
+            return z[:1]
+
+    f = Wrong(8, 3, 1)
+    with pytest.raises(ValueError, match=r"f\.rows returned"):
+        il.solve(f, torch.zeros(8, 3, dtype=torch.float64), solver="picard", tol=1e-12, max_iter=200)

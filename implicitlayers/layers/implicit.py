@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -93,6 +94,10 @@ class FixedPointModule(nn.Module):
     arguments are those of :class:`ImplicitLayer`, plus these training aids:
 
     Args:
+        compact_rows: Evaluate f, in the forward solve, only on the samples still iterating once at
+            most half of them are, so that samples that converged early cost nothing. For an f that
+            treats samples independently and keeps no per-batch state (not with
+            :class:`VariationalDropout`, which raises). Off by default.
         shine_refine: With ``backward="shine"``, adjoint iterations (``backward_solver``, stopping at
             ``backward_tol``) that refine the estimate read from the forward solver's memory; 0
             (default) uses the estimate alone, at the cost of a JFB backward.
@@ -133,6 +138,7 @@ class FixedPointModule(nn.Module):
         phantom_steps: int = 1,
         phantom_damping: float = 1.0,
         shine_refine: int = 0,
+        compact_rows: bool = False,
         on_nonconvergence: str = "warn",
         solver_options: dict[str, Any] | None = None,
         eval_max_iter: int | None = None,
@@ -159,6 +165,8 @@ class FixedPointModule(nn.Module):
         )
         if not isinstance(warm_start, bool):
             raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        if not isinstance(compact_rows, bool):
+            raise ValueError(f"compact_rows must be True or False, got {compact_rows!r}")
         check_int_at_least("jacobian_penalty", jacobian_penalty, 0)
         check_int_at_least("correction_states", correction_states, 0)
         if spectral_radius_iters != 0:
@@ -188,6 +196,7 @@ class FixedPointModule(nn.Module):
         self.phantom_steps = phantom_steps
         self.phantom_damping = phantom_damping
         self.shine_refine = shine_refine
+        self.compact_rows = compact_rows
         self.on_nonconvergence = on_nonconvergence
         self.solver_options = dict(solver_options or {})
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
@@ -228,6 +237,11 @@ class FixedPointModule(nn.Module):
         """
         for module in self.modules():
             if isinstance(module, VariationalDropout):
+                if self.compact_rows and self.training and module.p > 0:
+                    raise ValueError(
+                        "compact_rows=True evaluates f on subsets of the samples, but VariationalDropout keeps "
+                        "one mask for the whole batch: use compact_rows=False with variational dropout"
+                    )
                 module.reset_mask()  # one new mask for every evaluation of f in this forward
         if not isinstance(z0, Tensor):
             packing = _Packing(z0)
@@ -240,7 +254,9 @@ class FixedPointModule(nn.Module):
         function = ModuleFunction(self, recorder)
         tensors = function.tensors()
         z0 = self._start(z0)
-        options = {"per_sample": (True,) + (False,) * len(tensors), "forward": self._forward_config()}
+        # Recorded iterates must be whole batches: no compaction while recording them.
+        forward = dataclasses.replace(self._forward_config(), compact_rows=self.compact_rows and not record)
+        options = {"per_sample": (True,) + (False,) * len(tensors), "forward": forward}
         if self.backward == "unrolled":
             z, result = function.bind((x, *tensors), lambda bound: self._unrolled(bound, z0))
             if result is not None:

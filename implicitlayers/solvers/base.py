@@ -233,6 +233,7 @@ class _Progress(NamedTuple):
     all_finite: bool
     any_active: bool
     all_active: bool
+    n_active: int
 
 
 class _Step(NamedTuple):
@@ -290,7 +291,7 @@ class _Tracker:
         self.best_residual = torch.where(step.better, step.res, self.best_residual)
         # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
         self.best_z = z if n_better == batch else torch.where(step.better[:, None], z, self.best_z)
-        return _Progress(step.finite, n_finite == batch, n_active > 0, n_active == batch)
+        return _Progress(step.finite, n_finite == batch, n_active > 0, n_active == batch, n_active)
 
     def _measure(self, z: Tensor, fz: Tensor, careful: bool) -> _Step:
         res, diff, finite = _residuals(z, fz, self.stop_mode, robust=careful)
@@ -358,7 +359,10 @@ def iterate(
     """Runs a step rule until every sample converges, fails or ``max_iter`` evaluations of ``f`` are spent.
 
     Args:
-        f: Map whose fixed point is sought; called on tensors of ``z0``'s shape (and dtype).
+        f: Map whose fixed point is sought; called on tensors of ``z0``'s shape (and dtype). A map may
+            also offer ``f.rows(z_rows, index)``, f evaluated on the samples ``index`` only (``z_rows``
+            holds those samples): once at most half of the samples are still iterating, only those
+            are evaluated, and the frozen ones cost nothing.
         z0: Initial iterate, shape ``(B, ...)``; dim 0 indexes independent samples.
         rule: Proposes the next iterate from the current one (see :class:`StepRule`).
         max_iter: Maximum number of evaluations of ``f``.
@@ -385,12 +389,18 @@ def _iterate(
     z = z0.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype, copy=True)  # -1 fails on an empty batch
     tracker = _Tracker(z, tol, stop_mode)
     state = None
+    rows = getattr(f, "rows", None)
+    n_active = shape[0]
     for evaluation in range(max_iter):
-        fz = _evaluate(f, z, shape, z0.dtype, dtype, first=evaluation == 0)
+        if rows is not None and evaluation > 0 and 2 * n_active <= shape[0]:
+            fz = _evaluate_rows(rows, z, tracker.active, shape, z0.dtype, dtype)
+        else:
+            fz = _evaluate(f, z, shape, z0.dtype, dtype, first=evaluation == 0)
         # The solver's own arithmetic must not be autocast to bf16: histories and Gram matrices
         # would lose the precision the tolerance asks for.
         with torch.autocast(device_type, enabled=False):
             progress = tracker.update(z, fz)
+            n_active = progress.n_active
             if evaluation == max_iter - 1 or not progress.any_active:
                 break
             if not progress.all_finite:
@@ -402,6 +412,26 @@ def _iterate(
     result = tracker.result(shape, dtype)
     result.adjoint_estimate = adjoint_estimate(rule, state, shape)
     return result
+
+
+def _evaluate_rows(
+    rows: Callable[[Tensor, Tensor], Tensor],
+    z: Tensor,
+    active: Tensor,
+    shape: torch.Size,
+    f_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> Tensor:
+    """f on the active samples only; a frozen sample gets f(z) = z (a zero residual nobody reads)."""
+    index = active.nonzero()[:, 0]
+    selected = z.index_select(0, index)
+    fz = rows(selected.reshape(len(index), *shape[1:]).to(f_dtype), index)
+    if not isinstance(fz, Tensor) or fz.shape != (len(index), *shape[1:]):
+        raise ValueError(
+            f"f.rows returned {type(fz).__name__} of shape {tuple(getattr(fz, 'shape', ()))} for "
+            f"{len(index)} samples; it must return f on exactly those samples, shaped like them"
+        )
+    return z.index_copy(0, index, fz.detach().reshape(len(index), -1).to(dtype))
 
 
 def _evaluate(
