@@ -7,6 +7,10 @@
   an ``ImplicitMLP``'s z = x + g(z) (GELU, coeff 0.9, as in the iMixer token mixer, at initialisation)
   and the slow symmetric tanh problem of ``benchmarks/core_properties.py`` (z = tanh(W z + U x),
   W symmetric with dominant eigenvalue -0.99).
+- ``residual_trace.json``: what the Solvers page quotes from that figure, per problem and solver:
+  the evaluations of f (``nstep`` max), whether every sample converged, the last residual of the
+  trace, and the first evaluation at which the trace reached 1e-4 (``tests/test_docs_numbers.py``
+  checks the page against it).
 - ``imixer_block.png``: the iMixer block diagram.
 
 Everything runs in float64 on fixed seeds on the CPU, in a few seconds.
@@ -14,6 +18,7 @@ Everything runs in float64 on fixed seeds on the CPU, in a few seconds.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -49,10 +54,17 @@ def _slow_tanh_problem():
     return f, torch.zeros_like(f.drive)
 
 
+# Figure panel titles, and the keys of residual_trace.json.
+TITLES = {
+    "implicit_mlp": "ImplicitMLP z = x + g(z)  (GELU, coeff 0.9, 64 features)",
+    "slow_tanh": "slow tanh problem  (symmetric W, eigenvalue -0.99)",
+}
+
+
 def residual_traces() -> dict[str, dict[str, il.SolverResult]]:
     problems = {
-        "ImplicitMLP z = x + g(z)  (GELU, coeff 0.9, 64 features)": (implicit_mlp_problem(), 40),
-        "slow tanh problem  (symmetric W, eigenvalue -0.99)": (_slow_tanh_problem(), 400),
+        TITLES["implicit_mlp"]: (implicit_mlp_problem(), 40),
+        TITLES["slow_tanh"]: (_slow_tanh_problem(), 400),
     }
     results = {}
     with torch.no_grad():
@@ -79,6 +91,23 @@ def plot_residuals(results: dict[str, dict[str, il.SolverResult]], path: Path) -
     fig.suptitle("SolverResult.trace per solver (float64, tol 1e-10)", fontsize=11)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def trace_summary(results: dict[str, dict[str, il.SolverResult]]) -> dict[str, dict[str, dict]]:
+    """Per problem key and solver: the numbers the Solvers page quotes from the figure."""
+    summary = {}
+    for key, title in TITLES.items():
+        summary[key] = {}
+        for solver, res in results[title].items():
+            trace = res.trace.double()
+            reached = (trace <= 1e-4).nonzero()
+            summary[key][solver] = {
+                "nstep_max": int(res.nstep.max()),
+                "all_converged": bool(res.converged.all()),
+                "last_residual": float(trace[-1]),
+                "evaluations_to_1e-4": int(reached[0]) + 1 if len(reached) else None,
+            }
+    return {"tol": TOL, "problems": summary}
 
 
 def _box(ax, x, y, w, h, text, color, fontsize=9):
@@ -187,8 +216,10 @@ def main() -> None:
         summary = ", ".join(f"{s}: nstep max {int(r.nstep.max())}" for s, r in per_solver.items())
         print(f"{title}: {summary}")
     plot_residuals(results, OUT / "residual_trace.png")
+    summary = json.dumps(trace_summary(results), indent=2) + "\n"
+    (OUT / "residual_trace.json").write_text(summary, encoding="utf-8")
     plot_imixer_block(OUT / "imixer_block.png")
-    print(f"wrote {OUT / 'residual_trace.png'} and {OUT / 'imixer_block.png'}")
+    print(f"wrote residual_trace.png, residual_trace.json and imixer_block.png to {OUT}")
 
 
 if __name__ == "__main__":
