@@ -2,7 +2,10 @@
 
 Every builder returns PIL images, so the same ``timm.data.create_transform`` pipelines (RandAugment,
 random erasing, interpolation, normalisation) apply to all of them. Missing or malformed data raise
-:class:`DataError` with one line that names the expected layout; train.py turns it into exit status 2.
+:class:`DataError` with one line that names the expected layout, and an image file that cannot be read raises
+it naming the file (the run stops rather than train or evaluate on a silently different set); train.py turns it
+into exit status 2. Besides :data:`DATASETS`, timm's spellings (``torch/cifar10``, ``torch/image_folder``, ...)
+are accepted (:func:`canonical`).
 """
 
 from __future__ import annotations

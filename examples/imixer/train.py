@@ -72,6 +72,9 @@ IMPLICIT_FLAGS = {
 # The flag that sets each implicit setting, for messages.
 SETTING_FLAGS = {kwarg: "--" + flag.replace("_", "-") for flag, kwarg in IMPLICIT_FLAGS.items()}
 
+# The flags that define the learning-rate schedule: a resumed run restores the saved schedule only if they agree.
+SCHEDULE_FLAGS = ("sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "lr")
+
 # timm schedules that step per update (this script calls step_update every step). "plateau" steps per epoch
 # on a metric, "wsd"/"rsqrt" need decay settings this script does not expose.
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
@@ -979,9 +982,11 @@ def load_checkpoint(ref: ckpt.CheckpointRef, args: argparse.Namespace, state: Tr
                               f"{metadata.get('epoch')}) differ: the checkpoint is torn")  # fmt: skip
     try:
         state.optimizer.load_state_dict(saved["optimizer"])
-        # timm schedules are functions of the update count, which resumes with the epoch. Restoring the
-        # saved one matters only for the same plan; with a new --epochs, the fresh schedule stretches to it.
-        if json.loads(saved["args"]).get("epochs") == args.epochs:
+        # timm schedules are functions of the update count, which resumes with the epoch. Restoring the saved
+        # one matters only for the same plan (timm's load_state_dict copies attributes, whatever the class); with
+        # another --epochs, --sched or lr setting the fresh schedule takes over at the same update count.
+        saved_args = json.loads(saved["args"])
+        if all(saved_args.get(key) == getattr(args, key) for key in SCHEDULE_FLAGS):
             state.scheduler.load_state_dict(saved["scheduler"])
         if state.scaler is not None and saved["scaler"] is not None:
             state.scaler.load_state_dict(saved["scaler"])
