@@ -247,3 +247,35 @@ def test_weight_norm_is_pytorchs_parametrisation_and_trains_in_a_layer():
     layer = il.ImplicitLayer(Cell(), tol=1e-6)
     layer(torch.randn(3, 4)).sum().backward()
     assert linear.parametrizations.weight.original0.grad is not None
+
+
+def test_current_bound_measures_the_normalised_weights_and_shows_a_lagging_estimate():
+    torch.manual_seed(0)
+    linear = il.spectral_norm(nn.Linear(12, 12), coeff=0.9)
+    # At construction the estimate is exact (one SVD): the target and the measurement agree.
+    assert il.lipschitz_bound(linear, current=True) == pytest.approx(0.9, rel=1e-5)
+    with torch.no_grad():  # a large step: the power-iteration vectors now belong to another matrix
+        linear.parametrizations.weight.original.add_(torch.randn(12, 12))
+    linear.eval()
+    exact = float(torch.linalg.matrix_norm(linear.weight.detach().double(), ord=2))
+    assert il.lipschitz_bound(linear, current=True) == pytest.approx(exact, rel=1e-5)
+    assert il.lipschitz_bound(linear) == 0.9 < exact  # the target, not what the layer computes now
+    linear.train()
+    before = linear.parametrizations.weight[0].u.clone()
+    il.lipschitz_bound(linear, current=True)
+    assert torch.equal(linear.parametrizations.weight[0].u, before)  # measuring advances nothing
+    assert linear.training and linear.parametrizations.weight[0].training
+    g = nn.Sequential(linear, nn.Tanh(), linear)
+    assert il.lipschitz_bound(g, current=True) == pytest.approx(exact**2, rel=1e-5)
+
+
+def test_current_bound_of_a_normalised_convolution_is_its_operator_norm():
+    torch.manual_seed(1)
+    conv = il.spectral_norm(nn.Conv2d(2, 3, 3, padding=1), coeff=0.7, input_shape=(2, 6, 6)).double()
+    conv.eval()
+    weight = conv.weight.detach()
+    operator = torch.func.jacrev(lambda x: nn.functional.conv2d(x, weight, padding=1))(
+        torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    ).reshape(3 * 36, 2 * 36)
+    true = float(torch.linalg.matrix_norm(operator, ord=2))
+    assert il.lipschitz_bound(conv, current=True) == pytest.approx(true, rel=1e-4)
