@@ -339,10 +339,12 @@ def lipschitz_bound(module: nn.Module | Callable, *, current: bool = False) -> f
     normalised layer counts ``coeff``. That is exact only where the power-iteration estimate σ̂ equals
     the weight's norm σ; while weights move fast (early training) σ̂ lags behind σ and a normalised
     layer's norm can exceed ``coeff`` by several percent. ``current=True`` measures the map as an
-    eval-mode forward computes it now instead: a normalised linear layer counts the exact norm of its current normalised weight
-    (one SVD), a normalised convolution 100 power-iteration steps on its current operator (an
-    estimate from below). Any other linear layer counts its current spectral norm, a convolution its normalised ``coeff`` or else √(kernel size) times its kernel's
-    matrix norm, activations their exact constants (:data:`ACTIVATION_LIPSCHITZ`), dropout
+    eval-mode forward computes it now instead: a normalised linear layer counts the exact norm of its
+    current normalised weight (one SVD), a normalised convolution 100 power-iteration steps on its
+    current operator (an estimate from below).
+
+    Any other linear layer counts its current spectral norm, a convolution √(kernel size) times its
+    kernel's matrix norm, activations their exact constants (:data:`ACTIVATION_LIPSCHITZ`), dropout
     1/(1-p) in training mode; a :class:`torch.nn.Sequential` multiplies its children's bounds. A
     module may also define its own ``lipschitz_bound()`` method. Anything else gives ``inf``.
 
