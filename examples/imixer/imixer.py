@@ -44,6 +44,11 @@ Two ways of running the token mixer:
 
 After a forward pass :meth:`IMixer.solver_stats` reports per-block iterations, residuals and the
 fraction of unconverged rows.
+
+timm compatibility: every model here passes timm's model tests (forward, backward, default cfgs,
+``features_only=True`` and ``forward_intermediates``, torch.fx forward and backward) except TorchScript
+for the iMixers, which raises :data:`TORCHSCRIPT_UNSUPPORTED`; each solve is one torch.fx leaf call,
+:func:`solve_token_mixer`. See the README's "timm compatibility" section.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
 from timm.models.mlp_mixer import MlpMixer
@@ -64,7 +69,15 @@ from torch.nn.utils import parametrize
 
 import implicitlayers as il
 
-__all__ = ["IMixer", "IMixerBlock", "IMlp", "convert_reference_state_dict", "implicit_settings"]
+__all__ = [
+    "TORCHSCRIPT_UNSUPPORTED",
+    "IMixer",
+    "IMixerBlock",
+    "IMlp",
+    "convert_reference_state_dict",
+    "implicit_settings",
+    "solve_token_mixer",
+]
 
 LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
@@ -115,6 +128,50 @@ def implicit_settings(reference_iterations: int | None = None, **overrides: Any)
         settings.update(REFERENCE_SETTINGS, max_iter=max(reference_iterations, 1))
     settings["reference_iterations"] = reference_iterations
     return settings
+
+
+TORCHSCRIPT_UNSUPPORTED = (
+    "TorchScript cannot compile the iMixer: its token mixers solve z = x + F(z) with a Python solver loop "
+    "and a torch.autograd.Function, over spectrally normalised weights (torch.nn.utils.parametrize), none of "
+    "which TorchScript supports, in either the solved or the reference mode. Run the model eagerly, or "
+    "trace it with torch.fx, where each solve is one leaf call "
+    "(timm.models.create_feature_extractor, features_only=True); the vanilla mixer_t4_32 / mixer_t2_8 "
+    "baselines do script. See examples/imixer/README.md, 'timm compatibility'."
+)
+
+
+@register_notrace_function
+def solve_token_mixer(implicit: il.ImplicitMLP, x: Tensor, own_precision: bool = True) -> Tensor:
+    """Runs a token mixer's implicit layer on ``x``: one leaf call for torch.fx.
+
+    The solve (a data-dependent solver loop inside a ``torch.autograd.Function``) cannot be traced
+    symbolically, so this function is registered with timm's ``register_notrace_function`` and
+    ``torch.fx.wrap``: timm's and torchvision's feature extractors, and ``torch.fx.symbolic_trace``,
+    record it as one ``call_function`` node (with the layer as a ``get_attr`` argument) and trace the
+    rest of the iMixer. The autocast switch lives here, not in :meth:`IMlp.forward`, for the same
+    reason: in a traced graph it must run at call time, with the real input's device.
+
+    Args:
+        implicit: The token mixer's :class:`implicitlayers.ImplicitMLP`.
+        x: Its input, ``(B, C, T)``.
+        own_precision: Solve with autocast off, in the dtype of the layer's weights (solved mode).
+            A bf16 evaluation of F is only good to ~4e-3 relative, above the default tol 1e-3, so
+            under AMP a solve to a tolerance would never converge: it runs in float32 under AMP
+            (float64 or bf16 for such a model). ``False`` (the reference loop) keeps the caller's
+            autocast state and dtype, as the reference implementation ran it.
+
+    Returns:
+        z = (1 - F)^{-1}(x), shaped like x (in the layer's dtype when ``own_precision``).
+    """
+    if not own_precision:
+        return implicit(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return implicit(x.to(next(implicit.parameters()).dtype))
+
+
+# register_notrace_function covers timm's tracers (and torchvision's when given timm's lists, as timm's
+# tests do); torch.fx.wrap makes the function a leaf for every torch.fx tracer, plain symbolic_trace too.
+torch.fx.wrap("solve_token_mixer")
 
 
 class IMlp(nn.Module):
@@ -170,14 +227,10 @@ class IMlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1(x)
-        if self.reference_iterations is None:
-            # A bf16 evaluation of F is only good to ~4e-3 relative, above the default tol 1e-3, so
-            # under AMP a solve to a tolerance would never converge: it runs in the precision of the
-            # implicit layer's own weights (float32 under AMP; float64 or bf16 for such a model).
-            with torch.autocast(x.device.type, enabled=False):
-                x = self.implicit(x.to(next(self.implicit.parameters()).dtype))
-        elif self.reference_iterations > 0:
-            x = self.implicit(x)  # the reference loop, in whatever precision the reference ran it
+        if self.reference_iterations is None or self.reference_iterations > 0:
+            # Solved mode runs in the layer's own precision; the reference loop runs in whatever
+            # precision the reference ran it (autocast's, under AMP).
+            x = solve_token_mixer(self.implicit, x, own_precision=self.reference_iterations is None)
         x = self.drop1(self.act(x))
         return self.drop2(self.fc2(x))
 
@@ -275,6 +328,17 @@ class IMixer(MlpMixer):
         self.implicit_settings = implicit
         super().__init__(block_layer=partial(IMixerBlock, implicit=implicit), **kwargs)
 
+    def __prepare_scriptable__(self) -> IMixer:
+        """Refuses ``torch.jit.script`` with the reason and the alternatives (see :data:`TORCHSCRIPT_UNSUPPORTED`).
+
+        ``torch.jit.script`` calls this hook before compiling anything, so the user sees this message
+        instead of a TorchScript frontend error from deep inside the solver.
+
+        Raises:
+            RuntimeError: Always.
+        """
+        raise RuntimeError(f"{type(self).__name__}: {TORCHSCRIPT_UNSUPPORTED}")
+
     @torch.jit.ignore
     def init_weights(self, nlhb: bool = False) -> None:
         """timm's Mixer init (xavier-uniform, "mlp" biases N(0, 1e-6), zero head), spectral-norm aware.
@@ -363,12 +427,26 @@ def convert_reference_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Ten
     return converted
 
 
+def _feature_cfg(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's Mixer feature config: ``features_only=True`` wraps the model in a ``FeatureGetterNet``.
+
+    It calls :meth:`MlpMixer.forward_intermediates` (one feature per block, ``feature_info`` lists
+    ``blocks.i``); ``out_indices`` defaults to 3, i.e. the last three blocks, as timm's
+    ``mlp_mixer._create_mixer``, which every depth here (4 to 24) has. Without it timm's default, a
+    ``FeatureListNet`` over the model's top-level modules at out_indices 0 to 4, fails for a Mixer: its
+    blocks are not top-level modules, and a depth-4 model has no index 4.
+    """
+    return {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"}
+
+
 def _create_imixer(variant: str, pretrained: bool = False, **kwargs: Any) -> IMixer:
-    return build_model_with_cfg(IMixer, variant, pretrained, **kwargs)
+    feature_cfg = _feature_cfg(kwargs)
+    return build_model_with_cfg(IMixer, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _create_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    return build_model_with_cfg(MlpMixer, variant, pretrained, **kwargs)
+    feature_cfg = _feature_cfg(kwargs)
+    return build_model_with_cfg(MlpMixer, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -229,6 +229,22 @@ class ImplicitMLP(FixedPointModule):
         """x = z - g(z), explicit and exact; shape ``(..., features)``."""
         return z - self.g(z)
 
+    def __prepare_scriptable__(self) -> ImplicitMLP:
+        """Refuses ``torch.jit.script`` with the reason, before TorchScript compiles anything.
+
+        ``torch.jit.script`` calls this hook on every submodule first, so scripting a model that
+        contains this layer (also a torch.fx graph in which it is a leaf) stops here with a clear
+        message instead of a TorchScript frontend error from inside the solve.
+
+        Raises:
+            RuntimeError: Always.
+        """
+        raise RuntimeError(
+            "ImplicitMLP cannot be compiled with TorchScript: its solve is a Python solver loop inside a "
+            "torch.autograd.Function, over weights parametrised with torch.nn.utils.parametrize; run the model "
+            "in Python instead: eagerly, or as a torch.fx graph in which the layer's call is a leaf"
+        )
+
     def forward_with_logdet(
         self,
         x: Tensor,
