@@ -375,3 +375,10 @@ def test_figure_record_matches_the_figure_script() -> None:
     assert record["tol"] == figures.TOL
     assert set(record["problems"]) == set(figures.TITLES)
     assert all(set(per) == set(figures.SOLVERS) for per in record["problems"].values())
+
+
+def test_the_imixer_readme_quotes_the_generated_digits_table_verbatim():
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "docs" / "assets" / "imixer" / "digits_runs.md").read_text(encoding="utf-8").strip()
+    readme = (root / "examples" / "imixer" / "README.md").read_text(encoding="utf-8")
+    assert table in readme

@@ -13,31 +13,15 @@ Two ways of running the token mixer:
 
 * **Default (solved)**: every token mixer is solved to a relative residual of ``tol`` with Anderson
   acceleration and differentiated with the implicit function theorem, i.e. the gradient of the true
-  (1 - F)^{-1}, not of a truncated loop. Chosen by measurement: the default digits run
-  (``python examples/imixer/train.py``: imixer_t2_8, 20 epochs, batch 128, AdamW 4e-3), one run each,
-  on 2 CPU cores shared with other jobs (times ±30 %):
-
-  =======================  =========  =============  ==================================
-  forward / backward, tol  val top-1  train seconds  fwd iters mean/max at epoch 20 (max
-                                                     at epochs 1, 5, 10, 15)
-  =======================  =========  =============  ==================================
-  anderson / ift, 1e-3     98.06 %    105            4.0 / 6   (max 4 → 5 → 6 → 6)
-  picard / ift, 1e-3       98.06 %    99             5.2 / 17  (max 5 → 11 → 15 → 17)
-  broyden / ift, 1e-3      98.06 %    120            4.0 / 6
-  anderson / ift, 1e-4     98.06 %    122            4.9 / 7
-  reference loop, n = 2    98.06 %    45             2 / 2
-  vanilla mixer_t2_8       96.11 %    27             -
-  =======================  =========  =============  ==================================
-
-  Every solved variant reached the same accuracy (to the 1/360 resolution of the validation split),
-  so the choice rests on cost and robustness. Picard was as fast here, but its iterations grew
-  throughout training (max 5 → 17 of the 30 allowed), as the reference notes predict: training pushes
-  σ̂ towards ``coeff``, and the map's certified Lipschitz bound is 0.81·1.1289² ≈ 1.03 > 1. Anderson
-  held 4 mean / 6 max iterations. Broyden needed as many iterations as Anderson at a higher cost per
-  iteration, and tol 1e-4 cost 16 % more time for nothing measurable. So the default is
-  ``solver="anderson", backward="ift", tol=1e-3, max_iter=30``. (On this small CPU task the
-  2-iteration reference loop is as accurate and 2.3× cheaper; only the solved mode computes the
-  inverse (1 - F)^{-1} and its exact gradient, whatever number of iterations that takes.)
+  (1 - F)^{-1}, not of a truncated loop. Chosen by measurement on the default digits run
+  (``python examples/imixer/train.py``; the generated table is ``docs/assets/imixer/digits_runs.md``,
+  also in ``examples/imixer/README.md``): every solved variant reached the same accuracy, Picard's
+  iterations grew through training (training pushes σ̂ towards ``coeff``, and the map's certified
+  Lipschitz bound is 0.81·1.1289² ≈ 1.03 > 1) while Anderson's stayed flat, Broyden needed as many
+  iterations at a higher cost per iteration, and tol 1e-4 only cost more iterations. So the default
+  is ``solver="anderson", backward="ift", tol=1e-3, max_iter=30``. (On that small CPU task the
+  2-iteration reference loop is as accurate and cheaper; only the solved mode computes the inverse
+  (1 - F)^{-1} and its exact gradient, whatever number of iterations that takes.)
 * **Reference** (``reference_iterations=n``): exactly n Picard steps from z = fc1(x), differentiated
   by autograd through the loop, coeff 0.9 and 8 power iterations — the reference implementation's
   computation, so its checkpoints load (:func:`convert_reference_state_dict`) and give its logits.
