@@ -150,6 +150,7 @@ LAYER_KEYS = (
     "eval_max_iter",
     "eval_tol",
     "phantom_damping",
+    "compact_rows",
 )
 TRAINING_KEYS = ("jac_weight", "jac_samples")
 OPTION_KEYS = ("model", *MODEL_KEYS, *LAYER_KEYS, *TRAINING_KEYS)
