@@ -65,7 +65,7 @@ MANIFEST_FORMAT = 1
 # different model under another (the reference loop's n Picard steps are not the solved (1 - F)^-1; hidden_ratio
 # changes shapes; coeff rescales every spectrally normalised weight). The others (solver, tolerance, budget,
 # gradient mode, power iterations, start) change how closely or how fast the same fixed point is computed.
-STRUCTURAL_SETTINGS = ("reference_iterations", "hidden_ratio", "coeff")
+STRUCTURAL_SETTINGS = ("reference_iterations", "hidden_ratio", "coeff", "activation")
 
 
 class CheckpointError(Exception):

@@ -76,6 +76,12 @@ IMPLICIT_DEFAULTS: dict[str, Any] = {
     "tol": 1e-3,
     "z_init": "input",
     "phantom_steps": 1,
+    # Levers beyond the paper (see benchmarks/imixer_training.py): F's activation ("lipswish"
+    # certifies Lip(F) <= coeff² · 0.9998 < 1, where the paper's GELU gives ≈ 1.03), SHINE's refinement
+    # steps (backward="shine"), and evaluating only the rows still iterating.
+    "activation": "gelu",
+    "shine_refine": 0,
+    "compact_rows": False,
 }
 # What the reference code hard-codes: it iterates z_{k+1} = x + F(z_k) a fixed number of times.
 REFERENCE_SETTINGS: dict[str, Any] = {
@@ -85,6 +91,7 @@ REFERENCE_SETTINGS: dict[str, Any] = {
     "coeff": 0.9,
     "n_power_iterations": 8,
     "z_init": "input",
+    "activation": "gelu",
 }
 
 
@@ -93,7 +100,8 @@ def implicit_settings(reference_iterations: int | None = None, **overrides: Any)
 
     Args:
         reference_iterations: If given, the reference implementation's fixed iteration count n; it
-            overrides solver, backward, tol, coeff, n_power_iterations and z_init (and sets max_iter = n).
+            overrides solver, backward, tol, coeff, n_power_iterations, z_init and activation (and sets
+            max_iter = n).
         **overrides: Any key of :data:`IMPLICIT_DEFAULTS`; ``None`` values keep the default.
 
     Returns:
@@ -200,9 +208,8 @@ class IMlp(nn.Module):
             self.implicit = il.ImplicitMLP(
                 hidden_features,
                 int(hidden_features * hidden_ratio),
-                activation="gelu",
                 pre_activation=True,
-                **implicit,
+                **{"activation": "gelu", **implicit},
             ).to(**dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
@@ -270,11 +277,14 @@ class IMixer(MlpMixer):
         coeff: Spectral-norm bound of F's linear layers.
         n_power_iterations: Power-iteration steps per training forward.
         solver: Forward solver (``"anderson"``, ``"broyden"``, ``"picard"``).
-        backward: ``"ift"``, ``"phantom"``, ``"jfb"`` or ``"unrolled"``.
+        backward: ``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"`` or ``"shine"``.
         max_iter: Iteration cap of each solve.
         tol: Relative residual tolerance of each solve.
         z_init: ``"input"`` (start from fc1(x), as the reference) or ``"zeros"``.
         phantom_steps: Steps of the phantom gradient.
+        activation: F's activation (``"gelu"``, the paper's; ``"lipswish"`` certifies a contraction).
+        shine_refine: Refinement steps of ``backward="shine"``.
+        compact_rows: Evaluate F only on the rows still iterating once at most half are.
         reference_iterations: Run the reference computation with this many iterations (see module doc).
         **kwargs: :class:`MlpMixer` arguments.
 
@@ -294,6 +304,9 @@ class IMixer(MlpMixer):
         tol: float | None = None,
         z_init: str | None = None,
         phantom_steps: int | None = None,
+        activation: str | None = None,
+        shine_refine: int | None = None,
+        compact_rows: bool | None = None,
         reference_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -308,6 +321,9 @@ class IMixer(MlpMixer):
             tol=tol,
             z_init=z_init,
             phantom_steps=phantom_steps,
+            activation=activation,
+            shine_refine=shine_refine,
+            compact_rows=compact_rows,
         )
         self.implicit_settings = implicit
         super().__init__(block_layer=partial(IMixerBlock, implicit=implicit), **kwargs)

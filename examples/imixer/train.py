@@ -67,6 +67,9 @@ IMPLICIT_FLAGS = {
     "h_ratio": "hidden_ratio",
     "coeff": "coeff",
     "n_power": "n_power_iterations",
+    "activation": "activation",
+    "shine_refine": "shine_refine",
+    "compact_rows": "compact_rows",
     "reference_iterations": "reference_iterations",
 }
 # The flag that sets each implicit setting, for messages.
@@ -215,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     implicit.add_argument(
         "--n-power", type=int_range(1), default=None, metavar="N", help="power iterations per training forward"
+    )
+    implicit.add_argument(
+        "--activation",
+        choices=sorted(il.layers.invertible.ACTIVATIONS),
+        default=None,
+        help="F's activation (None: gelu, the paper's; lipswish certifies Lip(F) < 1)",
+    )
+    implicit.add_argument(
+        "--shine-refine", type=int_range(0), default=None, metavar="N", help="refinement steps of --backward shine"
+    )
+    implicit.add_argument(
+        "--compact-rows",
+        action="store_true",
+        default=None,
+        help="evaluate F only on the rows still iterating once at most half are",
     )
     implicit.add_argument(
         "--reference-iterations",

@@ -258,3 +258,20 @@ def test_the_solved_imixer_runs_in_the_models_dtype(dtype: torch.dtype) -> None:
     if dtype == torch.float64:  # the same network in float32 gives the same logits, to float32 accuracy
         reference = net.float()(images.float())
         torch.testing.assert_close(logits.float(), reference, rtol=1e-3, atol=1e-3)
+
+
+def test_levers_beyond_the_paper_reach_the_token_mixers_and_leave_the_reference_alone():
+    net = timm.create_model("imixer_t2_8", activation="lipswish", backward="shine", shine_refine=2, compact_rows=True)
+    for layer in net.implicit_layers():
+        assert isinstance(layer.g[0], il.LipSwish) and layer.backward == "shine"
+        assert layer.shine_refine == 2 and layer.compact_rows
+        assert il.lipschitz_bound(layer.g) == pytest.approx(0.81 * (1.09984 / 1.1) ** 2)  # certified < 1
+    assert net.implicit_settings["activation"] == "lipswish"
+    net(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert all(s["unconverged"] == 0.0 for s in net.solver_stats())
+    # The reference computation is the paper's, whatever lever is asked for.
+    reference = timm.create_model("imixer_t2_8", activation="lipswish", reference_iterations=2)
+    assert reference.implicit_settings["activation"] == "gelu"
+    assert all(isinstance(layer.g[0], torch.nn.GELU) for layer in reference.implicit_layers())
+    with pytest.raises(ValueError, match="activation must be one of"):
+        timm.create_model("imixer_t2_8", activation="softmax")

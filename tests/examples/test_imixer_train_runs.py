@@ -175,6 +175,20 @@ def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, t
     assert "reference_iterations 2 (checkpoint) vs 3 (now)" in capsys.readouterr().err
 
 
+def test_an_activation_lever_is_recorded_and_checked_as_structural(tmp_path: Path, capsys) -> None:
+    status, output = run_main(tmp_path, "--epochs", "1", "--activation", "lipswish", "--backward", "shine")
+    assert status == 0
+    settings = json.loads((output / "config.json").read_text())["model"]["implicit_settings"]
+    assert settings["activation"] == "lipswish" and settings["backward"] == "shine"
+    capsys.readouterr()
+    best = str(output / "best")
+    assert train.main([*TINY, "--eval-only", "--resume", best]) == 2  # the function F differs: refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "activation lipswish (checkpoint) vs gelu (now)" in err
+    assert "--activation lipswish" in err
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--activation", "lipswish"]) == 0
+
+
 def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Path, capsys) -> None:
     output = tmp_path / "run"
     shutil.copytree(one_epoch, output)
