@@ -139,12 +139,19 @@ class SoftSpectralNorm(nn.Module):
     def _power_iterate(self, weight: Tensor, iterations: int) -> None:
         if weight.device.type == "meta":
             return
+        u, v = self._power_steps(weight, iterations)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    @torch.no_grad()
+    def _power_steps(self, weight: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+        """``(u, v)`` after ``iterations`` power-iteration steps on ``weight``'s operator from the
+        stored vectors, which are left unchanged."""
         u, v = self.u, self.v
         for _ in range(iterations):
             v = _unit(self._adjoint(weight, u))
             u = _unit(self._operator(weight, v))
-        self.u.copy_(u)
-        self.v.copy_(v)
+        return u, v
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The current estimate σ̂ = ⟨u, W v⟩ of the operator norm (differentiable in ``weight``)."""
@@ -325,10 +332,7 @@ def _current_weight(module: nn.Module, name: str = "weight") -> Tensor:
 @torch.no_grad()
 def _operator_norm_estimate(normalisation: SoftSpectralNorm, weight: Tensor, iterations: int) -> float:
     """Power iteration on ``normalisation``'s operator for ``weight``, from its u, v (left unchanged)."""
-    u, v = normalisation.u.clone(), normalisation.v.clone()
-    for _ in range(iterations):
-        v = _unit(normalisation._adjoint(weight, u))
-        u = _unit(normalisation._operator(weight, v))
+    u, v = normalisation._power_steps(weight, iterations)
     return float((u * normalisation._operator(weight, v)).sum())
 
 

@@ -126,11 +126,13 @@ class StepRule(Protocol):
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, Any]: ...
 
 
-def adjoint_estimate(rule: StepRule, state: Any, shape: torch.Size) -> Callable[[Tensor], Tensor] | None:
+def adjoint_estimate(
+    rule: StepRule, state: Any, shape: torch.Size, dtype: torch.dtype
+) -> Callable[[Tensor], Tensor] | None:
     """The rule's estimate of g ↦ (I - J_f)⁻ᵀ g from its final ``state``, on tensors of ``shape``.
 
     A rule offers one by defining ``adjoint_estimate(state)``, which maps flat ``(B, D)`` cotangents
-    (in the working dtype) to flat estimates; rules without one, or with no state yet, give None.
+    in the working ``dtype`` to flat estimates; rules without one, or with no state yet, give None.
     """
     flat_estimate = getattr(rule, "adjoint_estimate", None)
     if flat_estimate is None or state is None:
@@ -138,18 +140,12 @@ def adjoint_estimate(rule: StepRule, state: Any, shape: torch.Size) -> Callable[
     flat = flat_estimate(state)
     if flat is None:
         return None
-    dtype = state_dtype(state)
 
     def estimate(cotangent: Tensor) -> Tensor:
         rows = cotangent.reshape(shape[0], math.prod(shape[1:])).to(dtype)
         return flat(rows).reshape(cotangent.shape).to(cotangent.dtype)
 
     return estimate
-
-
-def state_dtype(state: Any) -> torch.dtype:
-    """The working dtype of a rule's state: that of its first tensor field."""
-    return next(value for value in state if isinstance(value, Tensor)).dtype
 
 
 def measure(z: Tensor, fz: Tensor, stop_mode: str = "rel") -> tuple[Tensor, Tensor]:
@@ -410,7 +406,7 @@ def _iterate(
             proposal, state = rule.step(state, z, fz, tracker.active)
             z = proposal if progress.all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     result = tracker.result(shape, dtype)
-    result.adjoint_estimate = adjoint_estimate(rule, state, shape)
+    result.adjoint_estimate = adjoint_estimate(rule, state, shape, dtype)
     return result
 
 
