@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .implicit_function import is_transformed
+from .implicit_function import SHINE_SOLVERS, is_transformed
 from .solvers import SolverResult
 from .solvers.base import measure
 
@@ -36,9 +36,6 @@ __all__ = ["GRADIENT_MODES", "SHINE_SOLVERS", "phantom_steps", "unrolled_picard"
 
 GRADIENT_MODES = ("ift", "phantom", "jfb", "unrolled", "shine")
 """The accepted values of the layers' ``backward=`` argument."""
-
-SHINE_SOLVERS = ("anderson", "broyden")
-"""Built-in solvers whose memory gives ``backward="shine"`` its adjoint estimate."""
 
 
 def _with_value(value: Tensor, carrier: Tensor) -> Tensor:

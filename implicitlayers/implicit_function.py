@@ -679,10 +679,7 @@ def _forward_solve(
     problem.z_best = z_leaf.detach()
     if problem.derivative == "shine":
         if result.adjoint_estimate is None:
-            raise ValueError(
-                f"backward='shine' reuses the forward solver's quasi-Newton memory, and solver "
-                f"{problem.forward.solver!r} keeps none: use solver='anderson' or 'broyden'"
-            )
+            raise ValueError(shine_needs_memory(problem.forward.solver))
         problem.estimate = result.adjoint_estimate
     if problem.on_forward is not None:
         problem.on_forward(result.detach())
@@ -905,6 +902,18 @@ def shine_fixed_point(
     if problem.captures:
         out = _captured_ift(problem, out, inputs)
     return out
+
+
+SHINE_SOLVERS = ("anderson", "broyden")
+"""Built-in solvers whose memory gives ``backward="shine"`` its adjoint estimate."""
+
+
+def shine_needs_memory(solver: str) -> str:
+    """The error message for SHINE with a solver that keeps no quasi-Newton memory."""
+    return (
+        f"backward='shine' reuses the forward solver's quasi-Newton memory; solver {solver!r} keeps none: "
+        f"use one of {list(SHINE_SOLVERS)}"
+    )
 
 
 _SHINE_FIRST_ORDER_MESSAGE = (

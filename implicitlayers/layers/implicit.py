@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..backward import GRADIENT_MODES, SHINE_SOLVERS, phantom_steps, unrolled_picard
+from ..backward import GRADIENT_MODES, phantom_steps, unrolled_picard
 from ..errors import ConvergenceError, ConvergenceWarning, RateLimitedWarner, check_int_at_least
 from ..implicit_function import (
     ModuleFunction,
@@ -21,6 +21,7 @@ from ..implicit_function import (
     is_transformed,
     jacobian_free_fixed_point,
     shine_fixed_point,
+    shine_needs_memory,
     stop_gradient_fixed_point,
 )
 from ..jacobian import jacobian_penalty, spectral_radius
@@ -173,12 +174,10 @@ class FixedPointModule(nn.Module):
             check_int_at_least("spectral_radius_iters", spectral_radius_iters, 2)
         check_int_at_least("phantom_steps", phantom_steps)
         check_int_at_least("shine_refine", shine_refine, 0)
-        # Registered third-party solvers are checked at the first forward, when their result tells.
-        if backward == "shine" and solver in ("picard", "fixed_point"):
-            raise ValueError(
-                f"backward='shine' reuses the forward solver's quasi-Newton memory; solver {solver!r} keeps "
-                f"none: use one of {list(SHINE_SOLVERS)}"
-            )
+        # Picard (under either name) keeps no memory; registered third-party solvers are checked at
+        # the first forward, when their result tells.
+        if backward == "shine" and get_solver(solver) is get_solver("picard"):
+            raise ValueError(shine_needs_memory(solver))
         if not 0.0 < phantom_damping <= 1.0:
             raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
         if on_nonconvergence not in NONCONVERGENCE_POLICIES:
