@@ -108,11 +108,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -129,6 +126,9 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import imixer_step  # noqa: E402  (the machine description both benchmarks record)
+
 import implicitlayers as il  # noqa: E402
 from examples.imixer import imixer as imixer_model  # noqa: E402  (registers imixer_t4_32 / mixer_t4_32)
 from implicitlayers.layers.invertible import make_activation  # noqa: E402
@@ -800,19 +800,6 @@ def plot(task: dict[str, Any], path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------- main
-def machine_info() -> dict[str, Any]:
-    return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "processor": platform.processor() or "cpu",
-    }
-
-
 def write_outputs(results: dict[str, Any], table: str, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "imixer_training.json", directory / "imixer_training.md"]
@@ -902,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "true_solve": TRUE_SOLVE,
             "spectral_radius_iters": SPECTRAL_RADIUS_ITERS,
         },
-        "machine": machine_info(),
+        "machine": imixer_step.machine_info(torch.device("cpu")),
         "tasks": {},
     }
     info = results["machine"]
