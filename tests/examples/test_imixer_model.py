@@ -53,6 +53,9 @@ def test_vanilla_baselines_share_the_imixer_shapes() -> None:
 
 
 def test_create_model_accepts_timm_and_implicit_overrides() -> None:
+    # Seeded: 12 Picard steps reach tol 1e-5 for most inputs, and whether the global RNG's inputs are
+    # among them depended on which tests ran before (an unconverged row warns, and warnings are errors).
+    torch.manual_seed(0)
     net = timm.create_model(
         "imixer_t2_8", num_classes=3, img_size=16, in_chans=3, patch_size=4, drop_path_rate=0.1, hidden_ratio=1.0,
         coeff=0.8, n_power_iterations=2, solver="picard", backward="phantom", max_iter=12, tol=1e-5,
