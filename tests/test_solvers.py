@@ -411,3 +411,74 @@ def test_a_row_evaluator_of_the_wrong_shape_is_reported():
     f = Wrong(8, 3, 1)
     with pytest.raises(ValueError, match=r"f\.rows returned"):
         il.solve(f, torch.zeros(8, 3, dtype=torch.float64), solver="picard", tol=1e-12, max_iter=200)
+
+
+@given(problem=contractive_maps(max_batch=12), solver=SOLVERS, sync_every=st.integers(2, 7), tight=st.booleans())
+def test_synchronising_every_few_evaluations_changes_no_sample(problem, solver, sync_every, tight):
+    # Chunks of evaluations without a host read-back decide by masks instead of branches: each
+    # sample's iterate, count and status are the ones of a step-by-step solve (in float64, where
+    # the overflow-safe norms of a chunk round like the plain ones far below the tolerance).
+    problem.weight, problem.drive = problem.weight.double(), problem.drive.double()
+    tol = 1e-10 if tight else 1e-4
+    z0 = torch.zeros_like(problem.drive)
+    stepwise = il.solve(problem, z0, solver=solver, tol=tol, max_iter=150)
+    chunked = il.solve(problem, z0, solver=solver, tol=tol, max_iter=150, sync_every=sync_every)
+    assert torch.equal(chunked.nstep, stepwise.nstep)
+    assert torch.equal(chunked.status, stepwise.status)
+    assert torch.equal(chunked.converged, stepwise.converged)
+    torch.testing.assert_close(chunked.z, stepwise.z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.residual, stepwise.residual, rtol=1e-9, atol=1e-15)
+    # The batch stops at the first synchronisation after its last sample stopped.
+    evaluations = len(chunked.trace)
+    assert int(stepwise.nstep.max()) <= evaluations < int(stepwise.nstep.max()) + sync_every
+
+
+@pytest.mark.parametrize("solver", BUILTIN)
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_the_driver_reads_back_to_the_host_once_per_chunk(monkeypatch, solver, sync_every):
+    from implicitlayers.solvers import base
+
+    reads = []
+    original = base.host_counts
+    monkeypatch.setattr(base, "host_counts", lambda flags: reads.append(1) or original(flags))
+    drive = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = il.solve(
+        lambda z: 0.8 * torch.tanh(z) + drive,
+        torch.zeros_like(drive),
+        solver=solver,
+        tol=0.0,
+        max_iter=25,
+        sync_every=sync_every,
+    )
+    assert len(result.trace) == 25  # tol 0: every evaluation is spent
+    # The first evaluation, every sync_every-th and the last: 25 with 1, evaluations 0, 4, ..., 24 with 4.
+    assert len(reads) == (25 if sync_every == 1 else 7)
+
+
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_non_finite_samples_stop_without_leaking_between_synchronisations(solver):
+    drive = torch.randn(4, 5, dtype=torch.float64)
+    calls = {"n": 0}
+
+    def f(z):
+        calls["n"] += 1
+        out = 0.5 * torch.tanh(z) + drive
+        if calls["n"] >= 3:  # sample 1 blows up at the third evaluation, inside a chunk of 5
+            out = out.clone()
+            out[1] = float("nan")
+            out[2, 0] = float("inf")
+        return out
+
+    result = il.solve(f, torch.zeros_like(drive), solver=solver, tol=1e-10, max_iter=100, sync_every=5)
+    assert bool(torch.isfinite(result.z).all()) and bool(torch.isfinite(result.residual).all())
+    assert result.converged.tolist() == [True, False, False, True]
+    assert result.nstep[1] == 3 and result.nstep[2] == 3
+    assert result.status[1] == result.status[2] == 2  # non-finite
+    clean = il.solve(lambda z: 0.5 * torch.tanh(z) + drive, torch.zeros_like(drive), solver=solver, tol=1e-10)
+    torch.testing.assert_close(result.z[[0, 3]], clean.z[[0, 3]])
+    torch.testing.assert_close(result.nstep[[0, 3]], clean.nstep[[0, 3]])
+
+
+def test_sync_every_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="sync_every"):
+        il.solve(lambda z: 0.5 * z, torch.ones(2, 3), solver="anderson", sync_every=0)

@@ -147,10 +147,11 @@ def anderson(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop_mode: str = "rel",
+    sync_every: int = 1,
     memory: int = 5,
     damping: float = 1.0,
     regularization: float = 1e-8,
 ) -> SolverResult:
     """Solves z = f(z) with Anderson acceleration. See :class:`Anderson` and :func:`implicitlayers.solve`."""
     rule = Anderson(memory=memory, damping=damping, regularization=regularization)
-    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)

@@ -227,9 +227,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Progress(NamedTuple):
     finite: Tensor  # (B,) whether each sample's f(z) is finite
     all_finite: bool
-    any_active: bool
-    all_active: bool
-    n_active: int
+    n_active: int  # samples still iterating
 
 
 class _Step(NamedTuple):
@@ -244,6 +242,11 @@ class _Step(NamedTuple):
     diverged: Tensor | None  # measured only with care
     counts: list[int]  # samples better, finite, still active
     needs_care: bool
+
+
+def host_counts(flags: list[Tensor]) -> list[int]:
+    """How many samples each boolean ``(B,)`` flag holds: the driver's one host synchronisation per step."""
+    return torch.stack(flags).sum(dim=1).tolist()
 
 
 class _Tracker:
@@ -263,9 +266,18 @@ class _Tracker:
         self.divergence_limit: Tensor | None = None  # DIVERGENCE_FACTOR · ||f(z0) - z0|| per sample
         self.status = torch.ones(batch, dtype=torch.long, device=z0.device)  # max_iter until shown otherwise
         self.trace: list[Tensor] = []
+        self.finite = self.active  # the latest evaluation's finiteness mask
 
-    def update(self, z: Tensor, fz: Tensor) -> _Progress:
-        """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags."""
+    def update(self, z: Tensor, fz: Tensor, sync: bool = True) -> _Progress | None:
+        """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags.
+
+        With ``sync=False`` nothing is read back to the host: the step is measured overflow-safe with
+        stop reasons (the careful path, which needs no branch), every update is a masked select, and
+        ``None`` is returned, since the batch flags are unknown until the next synchronised step.
+        """
+        if not sync:
+            self._record(self._measure(z, fz, careful=True, sync=False), z, every_sample_better=False)
+            return None
         # As few tensor ops as possible: on small problems each op's dispatch costs more than its
         # arithmetic, and on a GPU each is a kernel launch. So the usual step measures norms in one
         # plain pass; only when a norm overflowed (or f returned inf/NaN) or a residual grew past the
@@ -275,6 +287,11 @@ class _Tracker:
             step = self._measure(z, fz, careful=True)
         n_better, n_finite, n_active = step.counts
         batch = len(step.res)
+        self._record(step, z, every_sample_better=n_better == batch)
+        return _Progress(step.finite, n_finite == batch, n_active)
+
+    def _record(self, step: _Step, z: Tensor, every_sample_better: bool) -> None:
+        batch = len(step.res)
         if self.divergence_limit is None:
             self.divergence_limit = DIVERGENCE_FACTOR * step.diff
         if step.diverged is not None:
@@ -282,14 +299,14 @@ class _Tracker:
             self.status = torch.where(self.active & ~step.finite, 2, failed)
         self.nstep += self.active
         self.active = step.active
+        self.finite = step.finite
         self.latest_residual = torch.where(step.counted, step.res, self.latest_residual)
         self.trace.append(self.latest_residual.max() if batch else self.latest_residual.new_zeros(()))
         self.best_residual = torch.where(step.better, step.res, self.best_residual)
         # While every sample improves (the usual case), the best iterate is z itself: skip a full pass.
-        self.best_z = z if n_better == batch else torch.where(step.better[:, None], z, self.best_z)
-        return _Progress(step.finite, n_finite == batch, n_active > 0, n_active == batch, n_active)
+        self.best_z = z if every_sample_better else torch.where(step.better[:, None], z, self.best_z)
 
-    def _measure(self, z: Tensor, fz: Tensor, careful: bool) -> _Step:
+    def _measure(self, z: Tensor, fz: Tensor, careful: bool, sync: bool = True) -> _Step:
         res, diff, finite = _residuals(z, fz, self.stop_mode, robust=careful)
         if careful:
             largest = torch.finfo(z.dtype).max
@@ -305,8 +322,10 @@ class _Tracker:
             flags[2] = active
         elif self.divergence_limit is not None:
             flags.append(diff > self.divergence_limit)  # any sample past the limit: measure with care
+        if not sync:
+            return _Step(res, diff, finite, counted, better, active, diverged, [], False)
         # One host synchronisation for every flag the driver branches on.
-        counts = torch.stack(flags).sum(dim=1).tolist()
+        counts = host_counts(flags)
         needs_care = not careful and (counts[1] < len(res) or (len(counts) > 3 and counts[3] > 0))
         return _Step(res, diff, finite, counted, better, active, diverged, counts[:3], needs_care)
 
@@ -351,6 +370,7 @@ def iterate(
     max_iter: int,
     tol: float,
     stop_mode: str,
+    sync_every: int = 1,
 ) -> SolverResult:
     """Runs a step rule until every sample converges, fails or ``max_iter`` evaluations of ``f`` are spent.
 
@@ -364,6 +384,15 @@ def iterate(
         max_iter: Maximum number of evaluations of ``f``.
         tol: Tolerance on each sample's residual.
         stop_mode: ``"rel"`` or ``"abs"`` (see :func:`residual`).
+        sync_every: Evaluations per host synchronisation. The driver reads its flags back to the host
+            (to stop once every sample has stopped) after the first evaluation, then every
+            ``sync_every``-th and the last one; in between, every decision is a masked tensor op, so
+            a chunk of iterations is a fixed sequence of kernels with no data-dependent branch, which
+            CUDA graphs and ``torch.compile`` can capture and fuse. Each sample's result (iterate,
+            ``nstep``, residual, status) is the same as with 1, up to rounding (chunks measure norms
+            overflow-safe); only the batch may run up to ``sync_every - 1`` evaluations past the moment
+            its last sample stopped. 1 (default) synchronises after every evaluation, the fastest on a
+            CPU. ``f.rows`` is used only with 1 (choosing rows needs the host).
 
     Returns:
         The per-sample :class:`SolverResult`, ``z`` in ``z0``'s shape and dtype (float32 at least).
@@ -372,12 +401,20 @@ def iterate(
     Raises:
         ValueError: If ``f(z0)`` does not have ``z0``'s shape.
     """
+    check_int_at_least("sync_every", sync_every)
     with torch.no_grad():
-        return _iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+        return _iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)
 
 
 def _iterate(
-    f: Callable[[Tensor], Tensor], z0: Tensor, rule: StepRule, *, max_iter: int, tol: float, stop_mode: str
+    f: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    rule: StepRule,
+    *,
+    max_iter: int,
+    tol: float,
+    stop_mode: str,
+    sync_every: int,
 ) -> SolverResult:
     shape, device_type = z0.shape, z0.device.type
     dtype = working_dtype(z0.dtype)
@@ -388,23 +425,30 @@ def _iterate(
     rows = getattr(f, "rows", None)
     n_active = shape[0]
     for evaluation in range(max_iter):
-        if rows is not None and evaluation > 0 and 2 * n_active <= shape[0]:
+        # The first evaluation, every sync_every-th and the last read the flags back to the host;
+        # the evaluations between them run without a synchronisation (see iterate).
+        sync = evaluation == 0 or evaluation == max_iter - 1 or evaluation % sync_every == 0
+        if rows is not None and sync_every == 1 and evaluation > 0 and 2 * n_active <= shape[0]:
             fz = _evaluate_rows(rows, z, tracker.active, shape, z0.dtype, dtype)
         else:
             fz = _evaluate(f, z, shape, z0.dtype, dtype, first=evaluation == 0)
         # The solver's own arithmetic must not be autocast to bf16: histories and Gram matrices
         # would lose the precision the tolerance asks for.
         with torch.autocast(device_type, enabled=False):
-            progress = tracker.update(z, fz)
-            n_active = progress.n_active
-            if evaluation == max_iter - 1 or not progress.any_active:
-                break
-            if not progress.all_finite:
+            progress = tracker.update(z, fz, sync=sync)
+            if progress is None:  # unknown flags: assume the worst, with masks instead of branches
+                finite, all_finite, all_active = tracker.finite, False, False
+            else:
+                n_active = progress.n_active
+                if evaluation == max_iter - 1 or n_active == 0:
+                    break
+                finite, all_finite, all_active = progress.finite, progress.all_finite, n_active == shape[0]
+            if not all_finite:
                 # Non-finite samples are frozen; give the rule a zero residual there so nothing
                 # non-finite enters its history and leaks through batched linear algebra.
-                fz = torch.where(progress.finite[:, None], fz, z)
+                fz = torch.where(finite[:, None], fz, z)
             proposal, state = rule.step(state, z, fz, tracker.active)
-            z = proposal if progress.all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
+            z = proposal if all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     result = tracker.result(shape, dtype)
     result.adjoint_estimate = adjoint_estimate(rule, state, shape, dtype)
     return result

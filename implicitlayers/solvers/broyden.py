@@ -118,10 +118,11 @@ def broyden(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop_mode: str = "rel",
+    sync_every: int = 1,
     memory: int = 20,
     method: str = "second",
 ) -> SolverResult:
     """Solves z = f(z) (a root of f(z) - z) with limited-memory Broyden. See :class:`Broyden`."""
     # More stored updates than steps can never be used; do not allocate them.
     rule = Broyden(memory=min(memory, max_iter) if isinstance(memory, int) else memory, method=method)
-    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)

@@ -42,7 +42,8 @@ def picard(
     max_iter: int = 50,
     tol: float = 1e-4,
     stop_mode: str = "rel",
+    sync_every: int = 1,
     damping: float = 1.0,
 ) -> SolverResult:
     """Solves z = f(z) by (damped) fixed-point iteration. See :func:`implicitlayers.solve`."""
-    return iterate(f, z0, Picard(damping), max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    return iterate(f, z0, Picard(damping), max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)
