@@ -82,6 +82,16 @@ IMPLICIT_DEFAULTS: dict[str, Any] = {
     "activation": "gelu",
     "shine_refine": 0,
     "compact_rows": False,
+    # The adjoint solve's and the eval forward's budgets (None: the forward's), the Jacobian penalty's
+    # Hutchinson samples per training forward (0: none; see IMixer.jacobian_loss), and the solver's
+    # evaluations per host synchronisation (capture-friendly chunks on a GPU; see implicitlayers.iterate).
+    "backward_solver": None,
+    "backward_max_iter": None,
+    "backward_tol": None,
+    "eval_max_iter": None,
+    "eval_tol": None,
+    "jacobian_penalty": 0,
+    "sync_every": 1,
 }
 # What the reference code hard-codes: it iterates z_{k+1} = x + F(z_k) a fixed number of times.
 REFERENCE_SETTINGS: dict[str, Any] = {
@@ -177,7 +187,8 @@ class IMlp(nn.Module):
         hidden_ratio: H / T, the width of F's hidden layer relative to T.
         reference_iterations: n for the reference computation (0 skips the implicit layer, giving the
             vanilla token MLP); ``None`` solves to ``tol``.
-        **implicit: coeff, n_power_iterations, solver, backward, max_iter, tol, z_init, phantom_steps.
+        **implicit: The other keys of :data:`IMPLICIT_DEFAULTS` (``sync_every`` becomes the solver
+            option of that name).
 
     Shapes:
         x: ``(B, C, N)``; output: the same.
@@ -203,6 +214,9 @@ class IMlp(nn.Module):
         # coeff 0.9 with GELU is the paper's choice and is not a certified contraction (bound ≈ 1.03);
         # ImplicitMLP warns about that once per layer. The solver statistics (solver_stats) are the
         # honest measure of convergence here, so the per-layer construction warning is silenced.
+        sync_every = implicit.pop("sync_every", 1)
+        if sync_every != 1:
+            implicit["solver_options"] = {**implicit.get("solver_options", {}), "sync_every": sync_every}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", il.LipschitzWarning)
             self.implicit = il.ImplicitMLP(
@@ -285,6 +299,15 @@ class IMixer(MlpMixer):
         activation: F's activation (``"gelu"``, the paper's; ``"lipswish"`` certifies a contraction).
         shine_refine: Refinement steps of ``backward="shine"``.
         compact_rows: Evaluate F only on the rows still iterating once at most half are.
+        backward_solver: Solver of the adjoint equation (``backward="ift"``/``"shine"``; default: ``solver``).
+        backward_max_iter: Iteration cap of the adjoint solve (default: ``max_iter``).
+        backward_tol: Tolerance of the adjoint solve (default: ``tol``).
+        eval_max_iter: Iteration cap in eval mode (default: ``max_iter``).
+        eval_tol: Tolerance in eval mode (default: ``tol``).
+        jacobian_penalty: Hutchinson samples of ‖J_F(z*)‖²_F / T per training forward (Bai et al., 2021);
+            add ``weight * model.jacobian_loss()`` to the loss. 0 computes nothing.
+        sync_every: Solver evaluations per host synchronisation (1: every one; more lets CUDA graphs /
+            ``torch.compile`` capture chunks of the loop).
         reference_iterations: Run the reference computation with this many iterations (see module doc).
         **kwargs: :class:`MlpMixer` arguments.
 
@@ -307,6 +330,13 @@ class IMixer(MlpMixer):
         activation: str | None = None,
         shine_refine: int | None = None,
         compact_rows: bool | None = None,
+        backward_solver: str | None = None,
+        backward_max_iter: int | None = None,
+        backward_tol: float | None = None,
+        eval_max_iter: int | None = None,
+        eval_tol: float | None = None,
+        jacobian_penalty: int | None = None,
+        sync_every: int | None = None,
         reference_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -324,6 +354,13 @@ class IMixer(MlpMixer):
             activation=activation,
             shine_refine=shine_refine,
             compact_rows=compact_rows,
+            backward_solver=backward_solver,
+            backward_max_iter=backward_max_iter,
+            backward_tol=backward_tol,
+            eval_max_iter=eval_max_iter,
+            eval_tol=eval_tol,
+            jacobian_penalty=jacobian_penalty,
+            sync_every=sync_every,
         )
         self.implicit_settings = implicit
         super().__init__(block_layer=partial(IMixerBlock, implicit=implicit), **kwargs)
@@ -352,6 +389,17 @@ class IMixer(MlpMixer):
     def implicit_layers(self) -> list[il.ImplicitMLP]:
         """The token mixers' implicit layers, one per block."""
         return [block.mlp_tokens.implicit for block in self.blocks]
+
+    def jacobian_loss(self) -> Tensor | None:
+        """The last training forward's Jacobian penalty, summed over blocks (``jacobian_penalty`` > 0).
+
+        Each block's term is its token mixer's ‖J_F(z*)‖²_F / T, a Hutchinson estimate averaged over
+        the rows (Bai et al., 2021); add ``weight * model.jacobian_loss()`` to the training loss to
+        keep the maps contractive. ``None`` when nothing was computed (penalty off, eval mode, or no
+        grad).
+        """
+        losses = [layer.jacobian_loss for layer in self.implicit_layers() if layer.jacobian_loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def solver_stats(self) -> list[dict[str, float]]:
         """Per-block statistics of the last forward's solves (empty dicts before the first forward).

@@ -70,6 +70,13 @@ IMPLICIT_FLAGS = {
     "activation": "activation",
     "shine_refine": "shine_refine",
     "compact_rows": "compact_rows",
+    "backward_solver": "backward_solver",
+    "backward_max_iter": "backward_max_iter",
+    "backward_tol": "backward_tol",
+    "eval_max_iter": "eval_max_iter",
+    "eval_tol": "eval_tol",
+    "jacobian_penalty": "jacobian_penalty",
+    "sync_every": "sync_every",
     "reference_iterations": "reference_iterations",
 }
 # The flag that sets each implicit setting, for messages.
@@ -234,6 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate F only on the rows still iterating once at most half are",
     )
+    implicit.add_argument("--backward-solver", default=None, help="solver of the adjoint equation (None: --solver's)")
+    implicit.add_argument(
+        "--backward-max-iter", type=int_range(1), default=None, metavar="N", help="adjoint iteration cap"
+    )
+    implicit.add_argument("--backward-tol", type=float_range(0), default=None, help="adjoint tolerance")
+    implicit.add_argument(
+        "--eval-max-iter", type=int_range(1), default=None, metavar="N", help="iteration cap in evaluation"
+    )
+    implicit.add_argument("--eval-tol", type=float_range(0), default=None, help="tolerance in evaluation")
+    implicit.add_argument(
+        "--jacobian-penalty",
+        type=int_range(0),
+        default=None,
+        metavar="N",
+        help="Hutchinson samples of the Jacobian penalty ||J_F||_F^2 per forward (0: off)",
+    )
+    implicit.add_argument(
+        "--jacobian-weight",
+        type=float_range(0),
+        default=1.0,
+        metavar="W",
+        help="weight of the Jacobian penalty in the loss (with --jacobian-penalty)",
+    )
+    implicit.add_argument(
+        "--sync-every",
+        type=int_range(1),
+        default=None,
+        metavar="N",
+        help="solver evaluations per host synchronisation (GPU: chunks CUDA graphs can capture)",
+    )
     implicit.add_argument(
         "--reference-iterations",
         type=int_range(0),
@@ -362,6 +399,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dataset = dataset
     if args.solver is not None and args.solver not in il.available_solvers():
         raise UsageError(f"unknown solver {args.solver!r}; choose one of {', '.join(il.available_solvers())}")
+    if args.backward_solver is not None and args.backward_solver not in il.available_solvers():
+        raise UsageError(
+            f"unknown backward solver {args.backward_solver!r}; choose one of {', '.join(il.available_solvers())}"
+        )
     if args.backward is not None and args.backward not in il.GRADIENT_MODES:
         raise UsageError(f"unknown backward {args.backward!r}; choose one of {', '.join(il.GRADIENT_MODES)}")
     if implicit_kwargs(args) and not is_imixer(args.model):
@@ -649,6 +690,9 @@ def train_step(
     with autocast(args, runtime.device):
         logits = state.model(images)
         loss = loss_fn(logits, target)
+        jacobian_loss = getattr(unwrap(state.model), "jacobian_loss", lambda: None)()
+        if jacobian_loss is not None:
+            loss = loss + args.jacobian_weight * jacobian_loss
     check_finite(loss, state.epoch, step, runtime)
     backward_and_step(args, state, loss)
     return loss.detach(), logits.detach(), target

@@ -278,3 +278,39 @@ def test_levers_beyond_the_paper_reach_the_token_mixers_and_leave_the_reference_
     assert all(isinstance(layer.g[0], torch.nn.GELU) for layer in reference.implicit_layers())
     with pytest.raises(ValueError, match="activation must be one of"):
         timm.create_model("imixer_t2_8", activation="softmax")
+
+
+def test_budgets_penalty_and_synchronisation_reach_the_token_mixers():
+    torch.manual_seed(0)
+    kwargs = {
+        "backward_solver": "broyden",
+        "backward_max_iter": 40,
+        "backward_tol": 1e-5,
+        "eval_max_iter": 50,
+        "eval_tol": 1e-6,
+        "jacobian_penalty": 2,
+        "sync_every": 3,
+    }
+    net = timm.create_model("imixer_t2_8", **TINY, **kwargs).double()
+    for layer in net.implicit_layers():
+        assert (layer.backward_solver, layer.backward_max_iter, layer.backward_tol) == ("broyden", 40, 1e-5)
+        assert (layer.eval_max_iter, layer.eval_tol, layer.jacobian_penalty) == (50, 1e-6, 2)
+        assert layer.solver_options == {"sync_every": 3}
+    assert {key: net.implicit_settings[key] for key in kwargs} == kwargs
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert net.jacobian_loss() is None  # nothing computed yet
+    logits = net(images)
+    penalty = net.jacobian_loss()
+    assert penalty is not None and penalty.ndim == 0 and float(penalty) > 0
+    (logits.sum() + penalty).backward()
+    assert all(bool(layer.backward_stats.converged.all()) for layer in net.implicit_layers())
+    net.eval()
+    with torch.no_grad():
+        chunked = net(images)
+    assert net.jacobian_loss() is None  # the penalty is a training term
+    assert all(block["residual_max"] <= 1e-6 for block in net.solver_stats())  # the eval budget
+    # Synchronising every third evaluation changes no row's solve.
+    stepwise = timm.create_model("imixer_t2_8", **TINY, **{**kwargs, "sync_every": 1}).double().eval()
+    stepwise.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(stepwise(images), chunked, rtol=1e-10, atol=1e-12)

@@ -201,6 +201,19 @@ def test_vanilla_mixer_trains(tmp_path: Path) -> None:
     assert json.loads((output / "config.json").read_text())["model"]["implicit_settings"] is None
 
 
+def test_the_jacobian_penalty_enters_the_loss_with_its_weight(tmp_path: Path) -> None:
+    """Same seed, same Hutchinson draws: only --jacobian-weight differs, so the weights differ only if it counts."""
+    flags = ["--epochs", "1", "--jacobian-penalty", "1", "--seed", "3"]
+    assert run_main(tmp_path, *flags, "--jacobian-weight", "0", name="off")[0] == 0
+    assert run_main(tmp_path, *flags, "--jacobian-weight", "0", name="off-again")[0] == 0
+    assert run_main(tmp_path, *flags, "--jacobian-weight", "50", name="on")[0] == 0
+    off, again, on = (weights(tmp_path / name) for name in ("off", "off-again", "on"))
+    assert all(torch.equal(off[key], again[key]) for key in off)  # the runs are deterministic
+    assert any(not torch.equal(off[key], on[key]) for key in off if "implicit" in key)
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert config["model"]["implicit_settings"]["jacobian_penalty"] == 1
+
+
 def test_randaugment_posterize_at_full_magnitude_is_a_black_image_not_an_error() -> None:
     """timm keeps 0 posterize bits at magnitude 10 of "inc1" policies (the recipes' rand-m9-mstd0.5-inc1 reaches it
     through its magnitude noise); Pillow >= 11 raises there, which stopped runs at a random step."""
