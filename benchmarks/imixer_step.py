@@ -3,7 +3,8 @@
 For ``imixer_s16_224`` and ``imixer_t4_32`` (``examples/imixer/model.py``) and their vanilla timm
 baselines ``mixer_s16_224`` / ``mixer_t4_32``, in one run:
 
-- **Modes.** ``vanilla`` (timm's MLP-Mixer of the same shape); ``reference-n`` (the reference loop:
+- **Modes.** ``vanilla`` (timm's MLP-Mixer of the same shape); ``default`` (the iMixer with the
+  library's default settings, ``imixer.IMPLICIT_DEFAULTS``); ``reference-n`` (the reference loop:
   exactly n Picard steps, autograd through the loop) for n = 1, 2, 3, 4, 8; ``<solver>/<backward>@tol``
   (the solved mode) for solver ∈ {broyden, anderson, picard}, backward ∈ {ift, phantom, jfb, shine}
   (shine with broyden and anderson only),
@@ -33,12 +34,16 @@ baselines ``mixer_s16_224`` / ``mixer_t4_32``, in one run:
   iterate before the last step, hence larger). Reference mode gets the same recomputation.
 - **Inference.** Images per second in eval mode under ``no_grad`` (median of ``--repeats`` forwards),
   and the ratio to the vanilla mixer's throughput.
+- **After training** (CPU; ``--trained-epochs``, default 5): ``vanilla``, ``default`` and
+  ``reference-2`` trained on the digits 4 × 128 recipe of ``benchmarks/imixer_training.py``
+  (``digits-hard``), their step timed at initialisation and after training side by side with the
+  worst block's forward iterations (see :func:`trained_steps`): iteration counts grow with training.
 - **IFT memory vs iterations.** ``saved_peak_mb`` for ``anderson/ift`` with tol 0 (every iteration
   runs) at max_iter 2 and 16, against ``reference-2`` and ``reference-16``: IFT should not grow,
   the reference loop grows linearly.
 
 ``--quick`` (the test's run, well under a minute on 2 CPU cores): only ``imixer_t4_32`` /
-``mixer_t4_32`` at batch 4, the modes vanilla, reference-1/2, anderson/ift, picard/jfb and
+``mixer_t4_32`` at batch 4, the modes vanilla, default, reference-1/2, anderson/ift, picard/jfb and
 broyden/phantom at tol 1e-3, 2 timed repeats, one torch thread (on a shared machine a second
 process's threads make two-thread runs 10-40x slower in bursts), and the memory comparison on
 t4_32. The full run uses all of torch's threads (``--threads`` overrides),
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -86,6 +92,7 @@ SIZES = {
 }
 QUICK_MODES = [
     "vanilla",
+    "default",
     "reference-1",
     "reference-2",
     "anderson/ift@0.001",
@@ -97,7 +104,7 @@ MB = 2**20
 
 # ------------------------------------------------------------------------------------ modes
 def all_modes() -> list[str]:
-    modes = ["vanilla"] + [f"reference-{n}" for n in REFERENCE_ITERATIONS]
+    modes = ["vanilla", "default"] + [f"reference-{n}" for n in REFERENCE_ITERATIONS]
     # SHINE reads the forward solver's quasi-Newton memory, which Picard does not keep.
     modes += [
         f"{s}/{b}@{tol:g}"
@@ -110,7 +117,9 @@ def all_modes() -> list[str]:
 
 
 def mode_kwargs(mode: str) -> dict[str, Any]:
-    """create_model keyword arguments of an iMixer mode (not ``vanilla``)."""
+    """create_model keyword arguments of an iMixer mode (not ``vanilla``); ``default``: the library's."""
+    if mode == "default":
+        return {}
     if mode.startswith("reference-"):
         return {"reference_iterations": int(mode.removeprefix("reference-"))}
     method, tol = mode.split("@")
@@ -288,6 +297,68 @@ def measure(size: str, mode: str, batch: int, device: torch.device, warmup: int,
     return row
 
 
+TRAINED_MODES = {"vanilla": "mixer", "default": "imixer", "reference-2": "reference-2"}
+
+
+def trained_steps(epochs: int, max_batches: int | None, warmup: int, repeats: int) -> dict[str, Any]:
+    """The step at initialisation and after training, on the digits 4 × 128 recipe (CPU).
+
+    Iteration counts grow as training moves the weights, so a step timed at initialisation understates
+    what a solved mode costs later. Each of ``vanilla``, ``default`` and ``reference-2`` is trained for
+    ``epochs`` epochs on ``digits-hard`` with the recipe, seed 0 and data order of
+    ``benchmarks/imixer_training.py`` (its batch 64), and its training step on one fixed batch is timed
+    before and after (median of ``repeats``, the weights restored after each timed step so that every
+    repeat times the same step).
+    """
+    import imixer_training as training  # here: imixer_training imports this module
+
+    options = argparse.Namespace(img_size=16, patch_size=2, lr=2e-3, weight_decay=0.05)
+    task = training.Task("digits-hard", options.img_size)
+    batch = 64
+    steps_per_epoch = math.ceil(len(task.train_y) / batch)
+    if max_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, max_batches)
+    images, labels = task.train_epoch(0, 0)
+    images, labels = images[:batch], labels[:batch]
+    rows = []
+    for mode, preset in TRAINED_MODES.items():
+        run = training.Run(mode, dict(training.PRESETS[preset]), 0, options, steps=epochs * steps_per_epoch)
+        row: dict[str, Any] = {"mode": mode}
+        for when in ("init", "trained"):
+            if when == "trained":
+                for epoch in range(1, epochs + 1):
+                    run.train_epoch(*task.train_epoch(0, epoch), batch, max_batches)
+            row[f"{when}_step_ms"] = 1e3 * _frozen_step_seconds(run, images, labels, warmup, repeats)
+            layers = training.implicit_layers(run.net)
+            row[f"{when}_nstep_max"] = max((float(layer.stats.nstep.max()) for layer in layers), default=None)
+        rows.append(row)
+        print(
+            f"  trained {mode:12s} step {row['init_step_ms']:8.1f} ms at init, {row['trained_step_ms']:8.1f} ms "
+            f"after {epochs} epochs",
+            flush=True,
+        )
+    for row in rows:
+        for when in ("init", "trained"):
+            row[f"{when}_ratio_to_vanilla"] = row[f"{when}_step_ms"] / rows[0][f"{when}_step_ms"]
+    return {"task": "digits-hard", "epochs": epochs, "batch": batch, "max_batches": max_batches, "rows": rows}
+
+
+def _frozen_step_seconds(run: Any, images: Tensor, labels: Tensor, warmup: int, repeats: int) -> float:
+    """Median seconds of one training step (forward, backward, AdamW) that leaves the run unchanged."""
+    saved = {k: v.clone() for k, v in run.net.state_dict().items()}
+    optimizer = torch.optim.AdamW(run.net.parameters(), lr=1e-3)
+    run.net.train()
+
+    def step() -> None:
+        train_step(run.net, optimizer, images, labels)
+        run.net.load_state_dict(saved)
+
+    seconds = median_seconds(step, torch.device("cpu"), warmup, repeats)
+    for parameter in run.net.parameters():
+        parameter.grad = None
+    return seconds
+
+
 def memory_growth(size: str, batch: int, device: torch.device) -> dict[str, Any]:
     """saved_peak_mb of anderson/ift (tol 0) and the reference loop at 2 and 16 iterations."""
     img_size = SIZES[size]["img_size"]
@@ -412,6 +483,23 @@ def markdown(results: dict[str, Any]) -> str:
         g = growth[kind]
         two, sixteen = g["2"]["saved_peak_mb"], g["16"]["saved_peak_mb"]
         lines.append(f"| {label} | {two:.2f} | {sixteen:.2f} | {g['growth_16_over_2']:.2f} |")
+    trained = results.get("trained")
+    if trained:
+        lines += [
+            "",
+            f"## The step at initialisation and after {trained['epochs']} epochs ({trained['task']}, digits 4 × 128 "
+            f"recipe, batch {trained['batch']}, CPU)",
+            "",
+            "| mode | step ms at init | × vanilla | worst block's iterations | step ms trained | × vanilla | "
+            "worst block's iterations |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in trained["rows"]:
+            lines.append(
+                f"| {row['mode']} | {row['init_step_ms']:.1f} | {row['init_ratio_to_vanilla']:.2f} | "
+                f"{_fmt(row['init_nstep_max'], '.0f')} | {row['trained_step_ms']:.1f} | "
+                f"{row['trained_ratio_to_vanilla']:.2f} | {_fmt(row['trained_nstep_max'], '.0f')} |"
+            )
     lines += ["", f"Total {results['seconds']:.1f} s."]
     return "\n".join(lines)
 
@@ -419,7 +507,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the markdown table, writes JSON and markdown; returns the results."""
     parser = argparse.ArgumentParser(description="iMixer training step / memory / throughput vs timm's Mixer.")
-    parser.add_argument("--quick", action="store_true", help="t4_32 only, batch 4, six modes, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="t4_32 only, batch 4, seven modes, 2 repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 2 quick, 5 full)")
@@ -430,7 +518,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None, help="model sizes to run")
     parser.add_argument("--modes", nargs="+", default=None, help="modes to run (default: all; vanilla always runs)")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every model size")
+    parser.add_argument(
+        "--trained-epochs",
+        type=int,
+        default=None,
+        help="epochs of the digits recipe before the after-training step (default 5; 1 of 3 batches with "
+        "--quick; 0 skips; CPU only)",
+    )
     args = parser.parse_args(argv)
+    if args.trained_epochs is None:
+        args.trained_epochs = 1 if args.quick else 5
     known = all_modes()
     unknown = [mode for mode in args.modes or [] if mode not in known]
     if unknown:
@@ -496,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         growth_size = "t4_32" if args.quick or "s16_224" not in sizes else "s16_224"
         growth_batch = results["models"][growth_size]["batch"] if growth_size in results["models"] else 4
         results["memory_growth"] = memory_growth(growth_size, growth_batch, device)
+        if args.trained_epochs and device.type == "cpu":
+            max_batches = 3 if args.quick else None
+            results["trained"] = trained_steps(args.trained_epochs, max_batches, warmup, repeats)
     results["seconds"] = time.perf_counter() - start
     table = markdown(results)
     print(table)

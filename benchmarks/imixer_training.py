@@ -348,6 +348,7 @@ def validate_options(name: str, options: dict[str, Any]) -> None:
         options.get("reference_iterations"), **{k: options[k] for k in imixer_model.IMPLICIT_DEFAULTS if k in options}
     )
     layer_options = {k: v for k, v in settings.items() if k not in ("hidden_ratio", "reference_iterations")}
+    layer_options["solver_options"] = {"sync_every": layer_options.pop("sync_every")}
     layer_options.update({k: options[k] for k in LAYER_KEYS if k in options})
     if options.get("jac_weight", 0.0):
         layer_options["jacobian_penalty"] = options.get("jac_samples", 1)

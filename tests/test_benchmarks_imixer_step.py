@@ -36,7 +36,7 @@ def test_files_exist_and_json_matches_the_returned_results(run):
     _, returned, out, printed = run
     assert (out / "imixer_step.json").is_file() and (out / "imixer_step.md").is_file()
     loaded = json.loads((out / "imixer_step.json").read_text())
-    assert set(loaded) == {"config", "machine", "models", "memory_growth", "seconds"}
+    assert set(loaded) == {"config", "machine", "models", "memory_growth", "trained", "seconds"}
     assert loaded["models"] == json.loads(json.dumps(returned["models"]))
     table = (out / "imixer_step.md").read_text()
     assert "| model | mode | step ms |" in table and table.strip() in printed
@@ -69,8 +69,10 @@ def test_rows_have_the_models_modes_and_finite_numbers(run):
 def test_full_mode_list_and_memory_growth(run):
     module, returned, _, _ = run
     modes = module.all_modes()
-    # references 1, 2, 3, 4, 8; per tol (1e-2..1e-4): 3 solvers × (ift, phantom, jfb) + shine with broyden, anderson
-    assert len(modes) == 1 + 5 + 3 * (3 * 3 + 2) and modes[0] == "vanilla"
+    # default; references 1, 2, 3, 4, 8; per tol (1e-2..1e-4): 3 solvers × (ift, phantom, jfb) + shine with
+    # broyden, anderson
+    assert len(modes) == 2 + 5 + 3 * (3 * 3 + 2) and modes[:2] == ["vanilla", "default"]
+    assert module.mode_kwargs("default") == {}
     assert "picard/shine@0.001" not in modes and "anderson/shine@0.001" in modes
     assert {"reference-1", "reference-8", "broyden/ift@0.001", "picard/jfb@0.0001"} <= set(modes)
     growth = returned["memory_growth"]
@@ -107,3 +109,21 @@ def test_equal_residual_pairs_each_solved_mode_with_the_cheapest_accurate_refere
     first, second = module.equal_residual(table)
     assert (first["reference"], first["step_ratio"], first["throughput_ratio"]) == ("reference-2", 0.5, 2.0)
     assert second["reference"] is None and second["step_ratio"] is None
+
+
+def test_the_step_is_reported_at_initialisation_and_after_training(run):
+    module, returned, out, _ = run
+    trained = returned["trained"]
+    assert trained["epochs"] == 1 and trained["max_batches"] == 3 and trained["task"] == "digits-hard"
+    assert [row["mode"] for row in trained["rows"]] == list(module.TRAINED_MODES)
+    for row in trained["rows"]:
+        for when in ("init", "trained"):
+            assert finite(row[f"{when}_step_ms"]) and row[f"{when}_step_ms"] > 0
+            assert row[f"{when}_ratio_to_vanilla"] == row[f"{when}_step_ms"] / trained["rows"][0][f"{when}_step_ms"]
+        if row["mode"] == "vanilla":
+            assert row["init_nstep_max"] is None and row["trained_nstep_max"] is None
+        elif row["mode"] == "reference-2":
+            assert row["init_nstep_max"] == row["trained_nstep_max"] == 2  # a fixed loop
+        else:
+            assert 1 <= row["init_nstep_max"] <= 30 and 1 <= row["trained_nstep_max"] <= 30
+    assert "after 1 epochs" in (out / "imixer_step.md").read_text()
