@@ -686,8 +686,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Model: imixer_t4_32 / mixer_t4_32 with num_blocks 4, embed_dim 128, img_size {setup['img_size']}, "
         f"patch {setup['patch_size']}. Recipe: AdamW lr {setup['lr']:g} (one-cycle), weight decay "
-        f"{setup['weight_decay']:g}, batch {setup['batch']}, label smoothing 0.1, {setup['epochs']} epochs, "
-        f"seeds {setup['seeds']}{' (quick)' if setup['quick'] else ''}. Val top-1 and ratios: mean ± std over "
+        f"{setup['weight_decay']:g}, batch {setup['batch']}, label smoothing 0.1{' (quick)' if setup['quick'] else ''}"
+        ". Val top-1 and ratios: mean ± std over "
         "seeds; iterations, residuals, ρ and bounds: worst block, mean over seeds; inverse residual = max over "
         "rows of ‖z − x − F(z)‖ / ‖z‖, z* = the float64 solve of z = x + F(z).",
     ]
@@ -697,7 +697,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"## {task_name} ({described['n_train']} train / {described['n_val']} val images, "
-            f"augmentation: {described['augmentation']})",
+            f"augmentation: {described['augmentation']}; {task.get('epochs', setup['epochs'])} epochs, "
+            f"seeds {task.get('seeds', setup['seeds'])})",
             "",
             TABLE_HEADER,
             "|" + "---|" * 2 + "---:|" * 10,
@@ -801,6 +802,21 @@ def plot(task: dict[str, Any], path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------- main
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several runs' (say, one task per run, each with its own epochs).
+
+    The first run's machine and settings head the table; every task keeps its own epochs and seeds,
+    and its ratios are those of its own run (measured side by side there). A task in several runs is
+    taken from the last. Total seconds add up.
+    """
+    merged = copy.deepcopy(runs[0])
+    for run in runs[1:]:
+        for name, task in run["tasks"].items():
+            merged["tasks"][name] = {"epochs": run["config"]["epochs"], "seeds": run["config"]["seeds"], **task}
+        merged["seconds"] += run["seconds"]
+    return merged
+
+
 def write_outputs(results: dict[str, Any], table: str, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "imixer_training.json", directory / "imixer_training.md"]
@@ -837,11 +853,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
     parser.add_argument("--docs", action="store_true", help=f"also write the outputs to {DOCS_DIR.relative_to(REPO)}")
     parser.add_argument(
-        "--render", metavar="JSON", default=None, help="no training: re-render the table and plots of a results JSON"
+        "--render",
+        metavar="JSON",
+        nargs="+",
+        default=None,
+        help="no training: re-render the table and plots of results JSONs (several: their tasks merged)",
     )
     args = parser.parse_args(argv)
     if args.render:
-        results = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        results = merge([json.loads(Path(path).read_text(encoding="utf-8")) for path in args.render])
         table = markdown(results)
         print(table)
         for directory in [Path(args.out)] + ([DOCS_DIR] if args.docs else []):
@@ -906,6 +926,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for task_name in args.tasks:
             task = Task(task_name, args.img_size, args.val_limit)
             results["tasks"][task_name] = run_task(task, configs, args, lambda line: print(line, flush=True))
+            results["tasks"][task_name].update(epochs=args.epochs, seeds=args.seeds)
     results["seconds"] = time.perf_counter() - start
     table = markdown(results)
     print(table)
