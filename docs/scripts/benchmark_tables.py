@@ -245,6 +245,112 @@ def targets_table(cpu: dict[str, Any], gpu: dict[str, Any]) -> str:
     return note + "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ issue 11's targets
+TRAINING = ROOT / "docs" / "assets" / "imixer_training"
+
+
+def library_defaults() -> dict[str, Any]:
+    """The iMixer's implicit defaults, read from the model file without importing torch."""
+    import ast
+
+    tree = ast.parse((ROOT / "examples" / "imixer" / "imixer.py").read_text(encoding="utf-8"))
+    node = next(
+        n for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "IMPLICIT_DEFAULTS"
+    )
+    return ast.literal_eval(node.value)
+
+
+def default_config(task: dict[str, Any]) -> str:
+    """The name of the trajectory run's configuration that is the library default."""
+    defaults = library_defaults()
+    for config in task["configs"]:
+        options = config["options"]
+        solved = options.get("model", "imixer") == "imixer" and "reference_iterations" not in options
+        if solved and all(options.get(key, value) == value for key, value in defaults.items()):
+            return config["name"]
+    raise ValueError("the trajectory run has no configuration with the library's default settings")
+
+
+def _totals(task: dict[str, Any], config: str) -> dict[int, float]:
+    return {
+        run["seed"]: sum(epoch["train_seconds"] for epoch in run["epochs"])
+        for run in task["runs"]
+        if run["config"] == config
+    }
+
+
+def _per_seed_ratio(task: dict[str, Any], config: str, baseline: str) -> float:
+    ours, theirs = _totals(task, config), _totals(task, baseline)
+    return statistics.fmean(ours[seed] / theirs[seed] for seed in ours)
+
+
+def trajectory_targets(task_name: str, task: dict[str, Any]) -> list[str]:
+    """Rows of the accuracy, time and iteration targets on one task of the trajectory run."""
+    name = default_config(task)
+    rows = {row["config"]: row for row in task["summary"]}
+    default, mixer, reference = rows[name], rows["mixer"], rows["reference-2"]
+    accuracy_met = (
+        default["val_top1_mean"] >= mixer["val_top1_mean"] - 0.2
+        and default["val_top1_mean"] >= reference["val_top1_mean"]
+    )
+    to_mixer = _per_seed_ratio(task, name, "mixer")
+    to_reference = _per_seed_ratio(task, name, "reference-2")
+    growth = default["eval_fwd_max_end"] - default["eval_fwd_max_init"]
+    seeds = len(_totals(task, name))
+    return [
+        f"| `{task_name}`: accuracy ≥ the Mixer's − 0.2 pt and ≥ `reference-2`'s | "
+        f"{_verdict(accuracy_met)}: default (`{name}`) {default['val_top1_mean']:.2f} %, Mixer "
+        f"{mixer['val_top1_mean']:.2f} %, `reference-2` {reference['val_top1_mean']:.2f} % (means of {seeds} seeds) |",
+        f"| `{task_name}`: training time ≤ 1.5× the Mixer's and ≤ 1.0× `reference-2`'s | "
+        f"{_verdict(to_mixer <= 1.5 and to_reference <= 1.0)}: {_x(to_mixer)} the Mixer's, {_x(to_reference)} "
+        f"`reference-2`'s (mean over seeds of the per-seed ratio of total training time) |",
+        f"| `{task_name}`: worst block's eval iterations at the end ≤ those at initialisation + 2 | "
+        f"{_verdict(growth <= 2)}: {default['eval_fwd_max_init']:.1f} → {default['eval_fwd_max_end']:.1f} "
+        f"(mean over seeds) |",
+    ]
+
+
+def operator_calls(profile: str) -> dict[str, int]:
+    """Operator calls per step by mode, read from ``profile_step.py``'s section headers."""
+    pattern = r"^## \S+ (\S+), batch \d+, \S+: [\d.]+ ms per profiled step, (\d+) operator calls per step"
+    return {m.group(1): int(m.group(2)) for m in re.finditer(pattern, profile, flags=re.MULTILINE)}
+
+
+def issue11_targets() -> str:
+    """Issue 11's targets, each with the generated numbers that decide it."""
+    training = json.loads((TRAINING / "imixer_training.json").read_text(encoding="utf-8"))
+    lines = ["| target | where it stands (CPU, one torch thread) |", "|---|---|"]
+    for task_name, task in training["tasks"].items():
+        lines += trajectory_targets(task_name, task)
+    step = load("cpu/issue11_step.json")
+    trained = step["trained"]
+    by_mode = {row["mode"]: row for row in trained["rows"]}
+    default = by_mode["default"]
+    lines.append(
+        f"| `imixer_step.py` reports the default step at initialisation and after training | **met**: "
+        f"{_x(default['init_ratio_to_vanilla'])} the Mixer's at initialisation, "
+        f"{_x(default['trained_ratio_to_vanilla'])} after {trained['epochs']} epochs of `{trained['task']}` "
+        "(worst block's iterations "
+        f"{default['init_nstep_max']:.0f} → {default['trained_nstep_max']:.0f}) |"
+    )
+    s16 = {row["mode"]: row for row in step["models"]["s16_224"]["rows"]}
+    ratio = s16["default"]["step_ratio_to_vanilla"]
+    lines.append(
+        f"| `imixer_s16_224` default training step ≤ 1.5× `mixer_s16_224` on CPU | {_verdict(ratio <= 1.5)}: "
+        f"{_x(ratio)} (batch {step['models']['s16_224']['batch']}; `reference-2` "
+        f"{_x(s16['reference-2']['step_ratio_to_vanilla'])}) |"
+    )
+    lines.append("| the same ≤ 1.6× on a GPU | – : no GPU was lent to this work |")
+    calls = operator_calls((ASSETS / "cpu" / "issue11_profile.md").read_text(encoding="utf-8"))
+    calls_ratio = calls["default"] / calls["vanilla"]
+    lines.append(
+        f"| operator calls per `imixer_s16_224` training step ≤ 2× the Mixer's | {_verdict(calls_ratio <= 2)}: "
+        f"{calls['default']} against {calls['vanilla']}, {_x(calls_ratio)} (`reference-2`: "
+        f"{_x(calls['reference-2'] / calls['vanilla'])}) |"
+    )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------ the runs
 def cpu_run() -> dict[str, Any]:
     solvers_json = load("cpu/solvers.json")
@@ -326,6 +432,7 @@ def render_all() -> dict[str, str]:
         "cpu/solvers_summary.md": solvers.summary_table(solvers_json["results"], solvers_json["ratios"]) + "\n",
         "cpu/core_properties.txt": core_properties.report(load("cpu/core_properties.json")) + "\n",
         "targets.md": targets_table(cpu_run(), gpu_run()),
+        "targets_issue11.md": issue11_targets(),
     }
     for size in SIZES:
         step = load(f"cpu/step_{size}.json")
@@ -333,6 +440,11 @@ def render_all() -> dict[str, str]:
         files[f"cpu/step_{size}.md"] = warning + _demote(imixer_step.markdown(step))
     profile = (ASSETS / "cpu" / "profile_s16_224.md").read_text(encoding="utf-8")
     files["cpu/profile_s16_224.page.md"] = _demote(profile)
+    # Issue 11's runs, as parts of a page (their own files are the scripts' output, checked by their tests).
+    for name in ("imixer_training", "imixer_backward"):
+        files[f"cpu/{name}.page.md"] = _demote((TRAINING / f"{name}.md").read_text(encoding="utf-8"))
+    step = load("cpu/issue11_step.json")
+    files["cpu/issue11_step.md"] = _demote(imixer_step.markdown(step))
     return files
 
 
