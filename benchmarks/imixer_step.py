@@ -201,10 +201,14 @@ class SavedTensorMeter:
 
 
 class _Holder:
+    """A saved tensor, detached: holding it with its ``grad_fn`` would make a reference cycle when
+    autograd saves an operation's own output (sigmoid's, say: holder → output → its node → holder),
+    which the garbage collector cannot see through, so the storage would never count as released."""
+
     __slots__ = ("__weakref__", "tensor")
 
     def __init__(self, tensor: Tensor) -> None:
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
 
 def step_memory(net: nn.Module, images: Tensor, labels: Tensor, device: torch.device) -> dict[str, float | None]:

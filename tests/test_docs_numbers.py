@@ -136,7 +136,7 @@ CLAIMS = [
     Claim(
         "docs/imixer.md",
         r"IFT gradient reaches the same validation top-1, (\d+\.\d+) %",
-        lambda: (_digits_top1("default"),),
+        lambda: (_digits_top1("exact"),),
     ),
     Claim("docs/imixer.md", r"`mixer_t2_8` reaches (\d+\.\d+) %", lambda: (_digits_top1("mixer_t2_8"),)),
     Claim("docs/imixer.md", r"the JFB gradient (\d+\.\d+) %", lambda: (_digits_top1("jfb"),)),
@@ -146,7 +146,7 @@ CLAIMS = [
             r"\(?(\d+\.\d) instead of (\d+\.\d) (?:forward iterations )?per solve",
             lambda: (
                 f"{digits()['tol_1e-4']['iters_mean_final']:.1f}",
-                f"{digits()['default']['iters_mean_final']:.1f}",
+                f"{digits()['exact']['iters_mean_final']:.1f}",
             ),
         )
         for page in ("docs/imixer.md", "docs/troubleshooting.md")
@@ -154,12 +154,12 @@ CLAIMS = [
     Claim(
         "docs/imixer.md",
         r"grew from (\d+) in the first epoch to (\d+) in the last, while Anderson's went from (\d+) to (\d+)",
-        lambda: (*_iters_trend("picard"), *_iters_trend("default")),
+        lambda: (*_iters_trend("picard"), *_iters_trend("exact")),
     ),
     Claim(
         "docs/concepts/solvers.md",
         r"largest iteration count went from (\d+) to (\d+) over training, Picard's from (\d+) to (\d+)",
-        lambda: (*_iters_trend("default"), *_iters_trend("picard")),
+        lambda: (*_iters_trend("exact"), *_iters_trend("picard")),
     ),
     # The flows example's recorded run (docs/assets/flows/results.json).
     Claim(
@@ -214,7 +214,7 @@ CLAIMS = [
     ),
     Claim(
         "docs/imixer.md",
-        r"default training step of `imixer_s16_224` costs (\d\.\d\d)× timm's `mixer_s16_224`",
+        r"exact mode's training step of `imixer_s16_224` costs (\d\.\d\d)× timm's `mixer_s16_224`",
         lambda: (_ratio(gpu_step("s16_224")["anderson/ift@0.001"]),),
     ),
     Claim(
@@ -343,10 +343,10 @@ def test_digits_runs_are_reproducible_and_agree_with_the_page() -> None:
     # A seeded, single-threaded run gives the same accuracy and iterations every time.
     assert all(run["reproduced"] and run["repeats"] >= 2 for run in runs.values())
     # What the iMixer page concludes from the table.
-    same = {_digits_top1(key) for key in ("default", "picard", "broyden", "tol_1e-4", "reference_2")}
-    assert same == {_digits_top1("default")}, "the IFT settings and the reference loop no longer agree"
-    assert runs["mixer_t2_8"]["final_top1"] < runs["default"]["final_top1"]
-    assert runs["picard"]["iters_max_final"] > runs["default"]["iters_max_final"]
+    same = {_digits_top1(key) for key in ("exact", "picard", "broyden", "tol_1e-4", "reference_2")}
+    assert same == {_digits_top1("exact")}, "the IFT settings and the reference loop no longer agree"
+    assert runs["mixer_t2_8"]["final_top1"] < runs["exact"]["final_top1"]
+    assert runs["picard"]["iters_max_final"] > runs["exact"]["iters_max_final"]
 
 
 def test_benchmark_tables_are_rendered_from_the_outputs() -> None:

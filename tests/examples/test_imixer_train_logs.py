@@ -31,7 +31,9 @@ def history(output: Path) -> list[dict]:
 
 
 def test_log_interval_prints_a_record_every_n_steps_when_not_a_terminal(tmp_path: Path, capsys) -> None:
-    status, _ = run_main(tmp_path, "--epochs", "1", "--log-interval", "4", *TWO_BLOCKS, name="records")
+    # IFT, so that the records have an adjoint solve to report (the default's SHINE gradient solves none).
+    status, _ = run_main(tmp_path, "--epochs", "1", "--log-interval", "4", "--backward", "ift", *TWO_BLOCKS,
+                         name="records")  # fmt: skip
     assert status == 0
     records = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Train: ")]
     # digits: 1437 training images, batch 128 → 11 steps; records at 4, 8 and the last step.
@@ -40,6 +42,10 @@ def test_log_interval_prints_a_record_every_n_steps_when_not_a_terminal(tmp_path
     for line in records:
         for field in ("loss ", "lr ", " s/step", " img/s", "  fwd ", "  bwd "):
             assert field in line, (field, line)
+
+    assert run_main(tmp_path, "--epochs", "1", "--log-interval", "11", name="default")[0] == 0
+    (record,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Train: ")]
+    assert "  fwd " in record and "  bwd " not in record  # no adjoint solve, nothing invented
 
     assert run_main(tmp_path, "--epochs", "1", "--log-interval", "0", name="quiet")[0] == 0
     assert "Train: " not in capsys.readouterr().out
@@ -58,7 +64,9 @@ def test_a_terminal_gets_the_bar_instead_of_records(tmp_path: Path, capsys, monk
 
 @pytest.fixture(scope="module")
 def two_block_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    status, output = run_main(tmp_path_factory.mktemp("blocks"), "--epochs", "2", *TWO_BLOCKS, "--model-ema")
+    status, output = run_main(
+        tmp_path_factory.mktemp("blocks"), "--epochs", "2", *TWO_BLOCKS, "--model-ema", "--backward", "ift"
+    )
     assert status == 0
     return output
 
@@ -76,7 +84,7 @@ def test_metrics_csv_holds_the_same_numbers_as_metrics_jsonl(two_block_run: Path
 
 def test_solver_statistics_per_block_for_forward_backward_and_eval(two_block_run: Path) -> None:
     for entry in history(two_block_run):
-        for prefix in ("fwd", "bwd", "val_fwd"):  # the default backward is IFT: an adjoint solve per block
+        for prefix in ("fwd", "bwd", "val_fwd"):  # backward IFT: an adjoint solve per block
             means = [entry[f"{prefix}_iters_b{block}"] for block in (0, 1)]
             maxes = [entry[f"{prefix}_iters_max_b{block}"] for block in (0, 1)]
             assert all(1 <= mean <= top <= 30 for mean, top in zip(means, maxes, strict=True)), (prefix, entry)
@@ -104,7 +112,7 @@ def test_reference_mode_records_exactly_n_forward_iterations_and_no_backward_sol
 def test_solver_meter_agrees_with_the_models_own_solver_stats() -> None:
     """Batch by batch, the meter's per-block means equal IMixer.solver_stats() averaged over rows."""
     torch.manual_seed(0)
-    net = timm.create_model("imixer_t2_8", num_classes=10, embed_dim=8, num_blocks=2)
+    net = timm.create_model("imixer_t2_8", num_classes=10, embed_dim=8, num_blocks=2, backward="ift")
     meter = logs.SolverMeter(2, torch.device("cpu"))
     expected_sum, expected_max = np.zeros(2), np.zeros(2)
     rows = 0
