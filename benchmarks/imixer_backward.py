@@ -54,6 +54,7 @@ import implicitlayers as il  # noqa: E402
 from implicitlayers.backward import SHINE_SOLVERS  # noqa: E402
 
 DOCS_DIR = training.DOCS_DIR
+SETTINGS_SHOWN = ("solver", "backward", "tol", "activation", "coeff")  # the trained model's, in the header
 EXACT = {"solver": "anderson", "tol": 1e-10, "max_iter": 400, "backward_tol": 1e-12, "backward_max_iter": 600}
 # Gradient modes compared with the exact gradient: layer attributes set on every token mixer.
 MODES: dict[str, dict[str, Any]] = {
@@ -146,7 +147,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Gradient modes on the trained iMixer ({machine['date_utc']} UTC, {machine['threads']} torch threads, "
         f"torch {machine['torch']})",
         "",
-        f"Configuration `{training.options_text(results['options'])}` trained {results['epochs']} epochs on "
+        f"Configuration `{training.options_text(results['options'])}` "
+        f"({', '.join(f'{k} {v}' for k, v in results['settings'].items())}) trained {results['epochs']} epochs on "
         f"`{results['task']}` (seed {results['seed']}, the recipe of `imixer_training.py`); one training batch of "
         f"{results['batch']} images, model in eval mode. Exact: float64, forward to 1e-10, adjoint to 1e-12 "
         f"(all solves converged: {results['exact_solves_converged']}). Times: median of {results['repeats']}, "
@@ -197,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {
         "machine": training.imixer_step.machine_info(torch.device("cpu")) | {"threads": args.threads},
         "options": options,
+        "settings": {key: run.net.implicit_settings[key] for key in SETTINGS_SHOWN},
         "task": args.task,
         "epochs": args.epochs,
         "seed": args.seed,

@@ -157,7 +157,8 @@ OPTION_KEYS = ("model", *MODEL_KEYS, *LAYER_KEYS, *TRAINING_KEYS)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixer": {"model": "mixer"},
-    "imixer": {},
+    "imixer": {},  # the library's defaults
+    "exact": {"solver": "anderson", "backward": "ift", "tol": 1e-3, "activation": "gelu"},  # the paper's map, IFT
     "reference-1": {"reference_iterations": 1},
     "reference-2": {"reference_iterations": 2},
     "reference-4": {"reference_iterations": 4},

@@ -131,7 +131,8 @@ def test_config_is_saved_in_the_folder_and_in_every_checkpoint(one_epoch: Path) 
     assert config["seed"] == 0 and config["args"]["drop_path"] == 0.1 and config["args"]["lr"] == 4e-3
     assert config["args"]["tol"] is None  # the flag as given; the model's resolved value is below
     settings = config["model"]["implicit_settings"]
-    assert settings["tol"] == 1e-3 and settings["solver"] == "anderson" and settings["reference_iterations"] is None
+    assert settings["tol"] == 1e-2 and settings["solver"] == "anderson" and settings["reference_iterations"] is None
+    assert (settings["backward"], settings["activation"]) == ("shine", "lipswish")  # the library's defaults
     assert settings["hidden_ratio"] == 2.0 and settings["max_iter"] == 30
     assert set(config["versions"]) >= {"torch", "timm", "implicitlayers"}
     assert config["versions"]["torch"] == torch.__version__
@@ -165,9 +166,16 @@ def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, t
     captured = capsys.readouterr()
     assert captured.err == "" and "(after epoch 1)" in captured.out
 
-    assert train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch"]) == 0
+    # The flag loads the weights into the solved map of the same F (the paper's GELU)...
+    assert (
+        train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch", "--activation", "gelu"]) == 0
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: warning:") and "reference_iterations" in err
+    # ... but not into the default's LipSwish F, whose β the checkpoint lacks: refused, one error line.
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("train.py: error:") and "does not match model imixer_t2_8" in lines[-1]
 
     # Resuming training with another structural setting is refused the same way.
     shutil.copytree(reference_run, tmp_path / "run")
@@ -176,17 +184,17 @@ def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, t
 
 
 def test_an_activation_lever_is_recorded_and_checked_as_structural(tmp_path: Path, capsys) -> None:
-    status, output = run_main(tmp_path, "--epochs", "1", "--activation", "lipswish", "--backward", "shine")
+    status, output = run_main(tmp_path, "--epochs", "1", "--activation", "gelu", "--backward", "ift")
     assert status == 0
     settings = json.loads((output / "config.json").read_text())["model"]["implicit_settings"]
-    assert settings["activation"] == "lipswish" and settings["backward"] == "shine"
+    assert settings["activation"] == "gelu" and settings["backward"] == "ift"
     capsys.readouterr()
     best = str(output / "best")
     assert train.main([*TINY, "--eval-only", "--resume", best]) == 2  # the function F differs: refused
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "activation lipswish (checkpoint) vs gelu (now)" in err
-    assert "--activation lipswish" in err
-    assert train.main([*TINY, "--eval-only", "--resume", best, "--activation", "lipswish"]) == 0
+    assert len(err.splitlines()) == 1 and "activation gelu (checkpoint) vs lipswish (now)" in err
+    assert "--activation gelu" in err
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--activation", "gelu"]) == 0
 
 
 def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Path, capsys) -> None:
@@ -194,8 +202,8 @@ def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Pat
     shutil.copytree(one_epoch, output)
     assert run_main(tmp_path, "--epochs", "2", "--resume", "auto", "--tol", "1e-4", "--backward", "jfb")[0] == 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "tol 0.001 (checkpoint) vs 0.0001 (now)" in err
-    assert "backward ift (checkpoint) vs jfb (now)" in err
+    assert len(err.splitlines()) == 1 and "tol 0.01 (checkpoint) vs 0.0001 (now)" in err
+    assert "backward shine (checkpoint) vs jfb (now)" in err
     assert json.loads(saved_state(output)["config"])["model"]["implicit_settings"]["tol"] == 1e-4
 
 
