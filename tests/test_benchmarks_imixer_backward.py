@@ -50,3 +50,15 @@ def test_the_modes_rank_as_their_definitions_say(run):
     # More phantom steps approach the IFT gradient (a Neumann series of a contraction).
     assert rows["phantom, 5 steps"]["relative_error"] < rows["phantom, 2 steps"]["relative_error"]
     assert rows["ift"]["backward_vs_ift"] == 1.0
+
+
+def test_the_published_table_is_rendered_from_its_json(run):
+    module, _, _, _ = run
+    docs = Path(__file__).resolve().parents[1] / "docs" / "assets" / "imixer_training"
+    results = json.loads((docs / "imixer_backward.json").read_text())
+    assert (docs / "imixer_backward.md").read_text() == module.markdown(results)
+    rows = {row["mode"]: row for row in results["modes"]}
+    # On the trained maps too: IFT closest, SHINE's estimate closer than JFB, refinement closes the gap.
+    assert rows["ift"]["relative_error"] < rows["shine + 2 refinements"]["relative_error"]
+    assert rows["shine + 2 refinements"]["relative_error"] < rows["shine"]["relative_error"]
+    assert rows["shine"]["relative_error"] < rows["jfb"]["relative_error"]
