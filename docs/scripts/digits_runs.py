@@ -51,14 +51,10 @@ class Run:
 
 def _default_label() -> str:
     """The library default's settings in words, read from the model file (so the row cannot drift)."""
-    import ast
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_tables import library_defaults  # the one reader of IMPLICIT_DEFAULTS without torch
 
-    source = (ROOT / "examples" / "imixer" / "imixer.py").read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    node = next(
-        n for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "IMPLICIT_DEFAULTS"
-    )
-    defaults = ast.literal_eval(node.value)
+    defaults = library_defaults()
     tol = f"{defaults['tol']:.0e}".replace("e-0", "e-")
     activation = ACTIVATION_NAMES[defaults["activation"]]
     return f"{defaults['solver']} / {defaults['backward']}, tol {tol}, {activation} (the default)"

@@ -225,8 +225,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Progress(NamedTuple):
-    finite: Tensor  # (B,) whether each sample's f(z) is finite
-    all_finite: bool
+    all_finite: bool  # every sample's f(z) finite (the mask itself is the tracker's ``finite``)
     n_active: int  # samples still iterating
 
 
@@ -269,7 +268,7 @@ class _Tracker:
         self.finite = self.active  # the latest evaluation's finiteness mask
 
     def update(self, z: Tensor, fz: Tensor, sync: bool = True) -> _Progress | None:
-        """Records ``fz = f(z)`` for the active samples; returns the finiteness mask and batch flags.
+        """Records ``fz = f(z)`` for the active samples; returns the batch flags the driver branches on.
 
         With ``sync=False`` nothing is read back to the host: the step is measured overflow-safe with
         stop reasons (the careful path, which needs no branch), every update is a masked select, and
@@ -288,7 +287,7 @@ class _Tracker:
         n_better, n_finite, n_active = step.counts
         batch = len(step.res)
         self._record(step, z, every_sample_better=n_better == batch)
-        return _Progress(step.finite, n_finite == batch, n_active)
+        return _Progress(n_finite == batch, n_active)
 
     def _record(self, step: _Step, z: Tensor, every_sample_better: bool) -> None:
         batch = len(step.res)
@@ -437,16 +436,16 @@ def _iterate(
         with torch.autocast(device_type, enabled=False):
             progress = tracker.update(z, fz, sync=sync)
             if progress is None:  # unknown flags: assume the worst, with masks instead of branches
-                finite, all_finite, all_active = tracker.finite, False, False
+                all_finite, all_active = False, False
             else:
                 n_active = progress.n_active
                 if evaluation == max_iter - 1 or n_active == 0:
                     break
-                finite, all_finite, all_active = progress.finite, progress.all_finite, n_active == shape[0]
+                all_finite, all_active = progress.all_finite, n_active == shape[0]
             if not all_finite:
                 # Non-finite samples are frozen; give the rule a zero residual there so nothing
                 # non-finite enters its history and leaks through batched linear algebra.
-                fz = torch.where(finite[:, None], fz, z)
+                fz = torch.where(tracker.finite[:, None], fz, z)
             proposal, state = rule.step(state, z, fz, tracker.active)
             z = proposal if all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     result = tracker.result(shape, dtype)
