@@ -494,6 +494,9 @@ def implicit_mismatches(
     """
     if saved is None or current is None:
         return [], []
+    # Every checkpoint written before F's activation became a setting (and every converted reference
+    # checkpoint) has the paper's GELU: saying so turns a later missing-β load error into this check.
+    saved = {"activation": "gelu", **saved}
     structural, numerical = [], []
     for key, value in saved.items():
         if key not in current or _jsonable(current[key]) == _jsonable(value):

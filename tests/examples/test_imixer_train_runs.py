@@ -213,7 +213,10 @@ def test_converted_weights_carry_reference_iterations(tmp_path: Path, reference_
     converted = tmp_path / "converted.safetensors"
     safetensors.torch.save_file(tensors, str(converted), {"model": "imixer_t2_8", "reference_iterations": "2"})
     assert train.main([*TINY, "--eval-only", "--resume", str(converted)]) == 2
-    assert "reference_iterations 2 (checkpoint) vs None (now)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "reference_iterations 2 (checkpoint) vs None (now)" in err
+    # Settings that predate the activation lever mean the paper's GELU: named, not a missing-key error.
+    assert "activation gelu (checkpoint) vs lipswish (now)" in err and "--activation gelu" in err
     assert train.main([*TINY, "--eval-only", "--resume", str(converted), "--reference-iterations", "2"]) == 0
     assert "epoch unknown" in capsys.readouterr().out
     # Weights alone cannot resume training: one line saying so.
