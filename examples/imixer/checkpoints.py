@@ -466,8 +466,15 @@ def saved_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, An
     """The token mixers' settings a checkpoint was trained (or converted) with, or None when unknown.
 
     train.py stores the whole config (``config["model"]["implicit_settings"]``); ``convert.py`` stores
-    ``reference_iterations`` in the metadata.
+    ``reference_iterations`` in the metadata. Settings without ``activation`` (every checkpoint written
+    before F's activation became a setting, and every converted reference checkpoint) mean the paper's
+    GELU: saying so turns a missing-β load error into a structural mismatch with its flag.
     """
+    settings = _recorded_implicit_settings(metadata, config)
+    return None if settings is None else {"activation": "gelu", **settings}
+
+
+def _recorded_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, Any] | None) -> dict | None:
     if config is not None:
         settings = config.get("model", {}).get("implicit_settings")
         return dict(settings) if isinstance(settings, dict) else None
@@ -494,9 +501,6 @@ def implicit_mismatches(
     """
     if saved is None or current is None:
         return [], []
-    # Every checkpoint written before F's activation became a setting (and every converted reference
-    # checkpoint) has the paper's GELU: saying so turns a later missing-β load error into this check.
-    saved = {"activation": "gelu", **saved}
     structural, numerical = [], []
     for key, value in saved.items():
         if key not in current or _jsonable(current[key]) == _jsonable(value):
