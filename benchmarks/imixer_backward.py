@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import sys
 import time
@@ -129,10 +128,8 @@ def compare_modes(net: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[st
 
 def train(args: argparse.Namespace, options: dict[str, Any], task: training.Task) -> training.Run:
     """The configuration trained for ``args.epochs`` epochs under seed ``args.seed``."""
-    batches = math.ceil(len(task.train_y) / args.batch)
-    if args.max_batches is not None:
-        batches = min(batches, args.max_batches)
-    run = training.Run("trained", options, args.seed, args, steps=args.epochs * batches)
+    steps = args.epochs * task.steps_per_epoch(args.batch, args.max_batches)
+    run = training.Run("trained", options, args.seed, args, steps=steps)
     for epoch in range(1, args.epochs + 1):
         images, labels = task.train_epoch(args.seed, epoch)
         record = run.train_epoch(images, labels, args.batch, args.max_batches)

@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -319,9 +318,7 @@ def trained_steps(epochs: int, max_batches: int | None, warmup: int, repeats: in
     options = argparse.Namespace(img_size=16, patch_size=2, lr=2e-3, weight_decay=0.05)
     task = training.Task("digits-hard", options.img_size)
     batch = 64
-    steps_per_epoch = math.ceil(len(task.train_y) / batch)
-    if max_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, max_batches)
+    steps_per_epoch = task.steps_per_epoch(batch, max_batches)
     images, labels = task.train_epoch(0, 0)
     images, labels = images[:batch], labels[:batch]
     rows = []

@@ -281,6 +281,11 @@ class Task:
             images = distort(images, generator)
         return normalise(images), self.train_y[order]
 
+    def steps_per_epoch(self, batch: int, max_batches: int | None) -> int:
+        """Optimiser steps in one epoch of ``train_epoch`` batches (at most ``max_batches``)."""
+        steps = math.ceil(len(self.train_y) / batch)
+        return steps if max_batches is None else min(steps, max_batches)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -572,9 +577,7 @@ def run_task(
     task: Task, configs: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Trains every configuration for every seed, interleaved by epoch; returns the task's results."""
-    steps_per_epoch = math.ceil(len(task.train_y) / args.batch)
-    if args.max_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, args.max_batches)
+    steps_per_epoch = task.steps_per_epoch(args.batch, args.max_batches)
     runs = []
     for seed in args.seeds:
         seed_runs = [Run(name, options, seed, args, steps_per_epoch * args.epochs) for name, options in configs]

@@ -293,7 +293,7 @@ def trajectory_targets(task_name: str, task: dict[str, Any]) -> list[str]:
         default["val_top1_mean"] >= mixer["val_top1_mean"] - 0.2
         and default["val_top1_mean"] >= reference["val_top1_mean"]
     )
-    to_mixer = _per_seed_ratio(task, name, "mixer")
+    to_mixer = default["ratio_to_mixer_mean"]  # the run's own summary: the same per-seed mean
     to_reference = _per_seed_ratio(task, name, "reference-2")
     growth = default["eval_fwd_max_end"] - default["eval_fwd_max_init"]
     seeds = len(_totals(task, name))
