@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .implicit_function import SHINE_SOLVERS, is_transformed
 from .solvers import SolverResult
-from .solvers.base import measure
+from .solvers.base import measure, residual
 
 __all__ = ["GRADIENT_MODES", "SHINE_SOLVERS", "phantom_steps", "unrolled_picard"]
 
@@ -71,6 +71,13 @@ def phantom_steps(f: Callable[[Tensor], Tensor], z_star: Tensor, *, steps: int =
     return _with_value(image, z)
 
 
+def _safe_measure(z: Tensor, fz: Tensor, stop_mode: str) -> tuple[Tensor, Tensor]:
+    """``(residual, finite)`` per sample, free of overflow and underflow (see :func:`residual`)."""
+    finite = torch.isfinite(fz.reshape(fz.shape[0], -1)).all(dim=1)
+    res = residual(z, torch.where(finite.view(-1, *([1] * (z.dim() - 1))), fz, z), stop_mode)
+    return res.to(torch.promote_types(z.dtype, torch.float32)), finite
+
+
 def unrolled_picard(
     f: Callable[[Tensor], Tensor], z0: Tensor, *, max_iter: int, tol: float, stop_mode: str = "rel"
 ) -> tuple[Tensor, SolverResult | None]:
@@ -109,7 +116,9 @@ def unrolled_picard(
         with torch.no_grad():
             # As in the solvers' driver: a non-finite f(z), or a norm that overflowed, is not usable
             # (an overflowed ||f(z)|| would make the relative residual read 0, "converged").
-            res, finite = measure(z, fz, stop_mode)
+            # With tol > 0 the residual stops samples: measure it overflow- and underflow-safe. With
+            # tol = 0 it is a diagnostic only, measured in one plain pass.
+            res, finite = measure(z, fz, stop_mode) if tol == 0 else _safe_measure(z, fz, stop_mode)
             step = active & finite
             nstep = nstep + active.long()  # out of place: under vmap, active may be batched
             last_residual = torch.where(step, res, last_residual)
@@ -117,6 +126,8 @@ def unrolled_picard(
         z = torch.where(step.view(-1, *([1] * (z.dim() - 1))), fz.to(z.dtype), z)
         # tol = 0 means "exactly max_iter steps", even where an iterate is already a fixed point.
         active = step & (res > tol) if tol > 0 else step
+        if z.device.type == "meta":  # shapes only: one step has the shapes of them all
+            break
         if tol > 0 and not bool(active.any()):
             break
     if transformed:

@@ -363,7 +363,7 @@ def _solve_linear(
     if problem.on_backward is not None:
         problem.on_backward(result.detach())
     # As in the forward, the image of the best iterate is one step closer to the solution.
-    image = latest["image"] if torch.equal(latest["u"], result.z) else linear_map(result.z)
+    image = latest["image"] if _same_point(latest["u"], result.z) else linear_map(result.z)
     return image.to(rhs.dtype)
 
 
@@ -730,7 +730,7 @@ class _LastEvaluation:
 
     def at(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(z_leaf, f(z_leaf))`` at ``z``: the latest evaluation if it was at exactly ``z``."""
-        if self.z is not None and self.fz is not None and self.z.shape == z.shape and torch.equal(self.z.detach(), z):
+        if self.z is not None and self.fz is not None and _same_point(self.z.detach(), z):
             return self.z, self.fz
         return self._evaluate(z)
 
@@ -741,6 +741,11 @@ class _LastEvaluation:
             fz = _checked(self.f(z))
         self.z, self.fz = z, fz
         return z, fz
+
+
+def _same_point(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values (never on the meta device, which holds none)."""
+    return a.device.type != "meta" and a.shape == b.shape and torch.equal(a, b)
 
 
 def _checked(fz: Tensor) -> Tensor:
@@ -995,13 +1000,39 @@ def _check_captures(problem: _Problem, z0: Tensor, inputs: Sequence[Tensor]) -> 
         return
     z, detached = z0.detach(), [i.detach() for i in inputs]
     probe = _bind(problem.f, detached, lambda bound: bound(z))
-    has_tangent = forward_ad.unpack_dual(probe).tangent is not None
-    if functorch and (
-        probe.requires_grad or has_tangent or (is_transformed(probe) and not is_transformed(z, *detached))
-    ):
+    if functorch and _depends_on_captures(probe, [z, *detached]):
         raise RuntimeError(_TRANSFORM_CAPTURE_MESSAGE)
-    if has_tangent:
+    if forward_ad.unpack_dual(probe).tangent is not None:
         raise RuntimeError(_CAPTURE_MESSAGE.format(what="forward-mode derivatives"))
+
+
+def _depends_on_captures(probe: Tensor, detached: Sequence[Tensor]) -> bool:
+    """Whether ``probe``, f evaluated on ``detached`` inputs, carries anything a transform tracks.
+
+    Detaching an input detaches it at every level of the transform stack, so every derivative the
+    probe carries, at any level, comes from a tensor f captured: a ``requires_grad`` at some
+    ``grad``/``vjp`` level or below all transforms (a plain autograd leaf read under ``vmap``, which a
+    BatchedTensor's own ``requires_grad`` does not show), or a tangent at a ``jvp`` level. So is a
+    batch dimension at a ``vmap`` level where no input has one (a captured mapped tensor).
+    """
+    from torch.autograd import forward_ad
+
+    functorch = torch._C._functorch
+    batched_levels = set()
+    for tensor in detached:
+        while functorch.is_functorch_wrapped_tensor(tensor):
+            if functorch.is_batchedtensor(tensor):
+                batched_levels.add(functorch.maybe_get_level(tensor))
+            tensor = functorch.get_unwrapped(tensor)
+    tensor = probe
+    while True:
+        if tensor.requires_grad or forward_ad.unpack_dual(tensor).tangent is not None:
+            return True
+        if not functorch.is_functorch_wrapped_tensor(tensor):
+            return False
+        if functorch.is_batchedtensor(tensor) and functorch.maybe_get_level(tensor) not in batched_levels:
+            return True
+        tensor = functorch.get_unwrapped(tensor)
 
 
 def _captured_ift(problem: _Problem, out: Tensor, inputs: Sequence[Tensor]) -> Tensor:

@@ -161,11 +161,12 @@ class SoftSpectralNorm(nn.Module):
         # Power iteration and σ̂ in the weight's own precision, never autocast to bf16.
         with _without_autocast(weight.device.type):
             if self.training:
-                if torch._C._functorch.is_functorch_wrapped_tensor(weight):
+                if torch._C._functorch.is_functorch_wrapped_tensor(weight) or _inside_differentiating_transform():
                     raise RuntimeError(
                         "spectral_norm: a training-mode forward advances the power iteration by writing its u/v "
-                        "buffers, which torch.func transforms of the weights forbid; call the model in eval mode "
-                        "inside the transform, and advance the power iteration outside it (a training-mode "
+                        "buffers, which torch.func's grad, vjp, jacrev, jvp and jacfwd (and any transform of the "
+                        "weights) forbid; call model.eval() before the transform (the map is then the one the last "
+                        "training forward used), and advance the power iteration outside it (a training-mode "
                         "forward under torch.no_grad)"
                     )
                 self._power_iterate(weight.detach(), self.n_power_iterations)
@@ -243,6 +244,16 @@ def _check_settings(coeff: float, n_power_iterations: int) -> None:
 def _unit(t: Tensor) -> Tensor:
     """``t`` scaled to unit 2-norm (over all its elements)."""
     return t / torch.linalg.vector_norm(t).clamp_min(1e-12)
+
+
+def _inside_differentiating_transform() -> bool:
+    """Whether a torch.func grad/vjp/jvp level is active: in-place writes to buffers are refused there."""
+    if torch._C._functorch.maybe_current_level() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:

@@ -338,16 +338,33 @@ def test_a_diverging_layer_raises_when_asked():
         layer(torch.ones(2, 3))
 
 
-def test_unrolled_never_reports_an_overflowed_norm_as_converged():
-    # ||f(z)|| overflows in float32 while ||f(z) - z|| = 2: the relative residual must not read 0.
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_unrolled_measures_residuals_free_of_overflow(stop_mode):
+    # ||f(z)||² overflows in float32 at 1e19: a plain relative residual once read 0 ("converged").
+    # Measured with care it is exact: 2e13/(2·1e19 + ...) relative, 2e13 absolute.
     class Shift(nn.Module):
         def forward(self, z, x):
-            return z + 1
+            return z + 1e13
 
-    layer = il.ImplicitLayer(Shift(), backward="unrolled", tol=1e-3, max_iter=3, z_init="input")
-    layer.on_nonconvergence = "ignore"
-    layer(torch.full((2, 4), 1e19))
-    assert not bool(layer.stats.converged.any())
+    layer = il.ImplicitLayer(
+        Shift(), backward="unrolled", tol=1e-12, max_iter=3, z_init="input", stop_mode=stop_mode,
+        on_nonconvergence="ignore",
+    )  # fmt: skip
+    z0 = torch.full((2, 4), 1e19)
+    layer(z0)
+    last_input = z0 + 2e13  # the residual describes the iterate fed to f last, z_2
+    expected = il.residual(last_input, last_input + 1e13, stop_mode)
+    assert not bool(layer.stats.converged.any()) and layer.stats.status.tolist() == [1, 1]
+    torch.testing.assert_close(layer.stats.residual.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_unrolled_stops_no_sample_on_an_underflowed_residual():
+    # At 1e-30 the squares of float32 entries underflow: a plain norm reads 0 ("converged" at z0).
+    layer = il.ImplicitLayer(lambda z, x: 0.5 * z + x, backward="unrolled", tol=1e-36, stop_mode="abs", max_iter=200)
+    x = torch.full((2, 3), 1e-30)
+    z = layer(x)
+    torch.testing.assert_close(z / 1e-30, torch.full_like(z, 2.0), rtol=1e-5, atol=0)
+    assert bool(layer.stats.converged.all()) and int(layer.stats.nstep.min()) > 10
 
 
 # ------------------------------------------------------------------------------------------ SHINE

@@ -252,6 +252,79 @@ def test_captured_tensors_raise_for_what_a_hook_cannot_give():
         torch.func.grad(transformed)(captured.detach())
 
 
+class _AttributeCell(torch.nn.Module):
+    """A cell holding a tensor as a plain attribute: neither a parameter nor a buffer, so captured."""
+
+    def __init__(self, w: torch.Tensor, u: torch.Tensor, captured: torch.Tensor) -> None:
+        super().__init__()
+        self.w, self.u, self.captured = w, u, captured
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return cell("tanh")(z, x, self.w, self.u) + 0.1 * torch.tanh(self.captured * z)
+
+
+def _capture_scenarios():
+    """(name, run) pairs: each run evaluates a layer whose f captures a tensor some level tracks."""
+    f, x, w, u = _fixed_problem()
+    leaf = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def layer(captured, backward="ift"):
+        closure = lambda z, x: f(z, x, w, u) + 0.1 * torch.tanh(captured * z)  # noqa: E731
+        return il.ImplicitLayer(closure, tol=1e-12, max_iter=200, backward=backward)
+
+    def first_row(module):
+        return lambda xi: module(xi[None])[0]
+
+    module_layer = il.ImplicitLayer(_AttributeCell(w, u, leaf), tol=1e-12, max_iter=200)
+    return [
+        ("vmap, captured autograd leaf", lambda: torch.func.vmap(first_row(layer(leaf)))(x)),
+        ("vmap, jfb, captured autograd leaf", lambda: torch.func.vmap(first_row(layer(leaf, "jfb")))(x)),
+        ("vmap, module attribute", lambda: torch.func.vmap(first_row(module_layer))(x)),
+        ("vmap over the captured tensor", lambda: torch.func.vmap(lambda c: layer(c)(x))(torch.randn(2, 4).double())),
+        ("grad of the captured tensor", lambda: torch.func.grad(lambda c: layer(c)(x).sum())(leaf.detach())),
+        ("jacrev in x, captured autograd leaf", lambda: torch.func.jacrev(layer(leaf))(x)),
+        (
+            "jvp of the captured tensor",
+            lambda: torch.func.jvp(lambda c: layer(c)(x), (leaf.detach(),), (leaf.detach(),)),
+        ),
+        (
+            "vmap of grad of the captured tensor",
+            lambda: torch.func.vmap(torch.func.grad(lambda c: layer(c)(x).sum()))(torch.randn(2, 4).double()),
+        ),
+        (
+            "grad of vmap, captured",
+            lambda: torch.func.grad(lambda c: torch.func.vmap(first_row(layer(c)))(x).sum())(leaf.detach()),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _capture_scenarios()])
+def test_a_captured_tensor_a_transform_tracks_raises_instead_of_losing_its_derivative(name):
+    # Under a transform the solve runs inside an autograd.Function, where a captured tensor is a
+    # constant: its derivative would be dropped without a word (BatchedTensors even report
+    # requires_grad=False for a leaf that requires it). Every such case must raise.
+    run = dict(_capture_scenarios())[name]
+    with pytest.raises(RuntimeError, match="pass every tensor f uses as an explicit input"):
+        run()
+
+
+def test_captured_constants_are_fine_under_every_transform():
+    # The probe must not raise for captures that no level tracks: vmap's answer is the loop's, and
+    # jacrev's is the closed form.
+    _, x, w, u = _fixed_problem()
+    constant = torch.randn(4, dtype=torch.float64)
+    module = il.ImplicitLayer(_AttributeCell(w, u, constant), tol=1e-12, max_iter=200)
+    batched = torch.func.vmap(lambda xi: module(xi[None])[0])(x)
+    looped = torch.stack([module(x[i : i + 1])[0] for i in range(x.shape[0])])
+    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-12)
+    jacobian = torch.func.jacrev(lambda xi: module(xi[None])[0])(x[0])
+    z = module(x[:1]).detach()
+    dz, dx = torch.func.jacrev(lambda zi, xi: module.f(zi[None], xi[None])[0], argnums=(0, 1))(z[0], x[0])
+    torch.testing.assert_close(
+        jacobian, torch.linalg.solve(torch.eye(4, dtype=torch.float64) - dz, dx), rtol=1e-8, atol=1e-10
+    )
+
+
 def test_a_map_independent_of_z_or_linear_in_it_differentiates():
     # Once "does not require grad" from a VJP of a constant.
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

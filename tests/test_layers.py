@@ -454,3 +454,61 @@ def test_compact_rows_refuses_variational_dropout_and_bad_values():
     assert layer(torch.randn(3, 4)).shape == (3, 4)  # dropout is the identity in eval mode
     with pytest.raises(ValueError, match="compact_rows must be True or False"):
         il.ImplicitLayer(Cell(), compact_rows=1)
+
+
+# ------------------------------------------------------------------ transforms, devices, round trips
+def test_jacrev_of_a_fresh_layer_in_training_mode_says_to_use_eval_mode():
+    # A new layer is in training mode, whose forward writes the power iteration's buffers: torch.func
+    # refuses that in-place write with an opaque message about captured tensors. Ours says what to do.
+    layer = quiet(il.ImplicitMLP, 4, 8, tol=1e-10, max_iter=100)
+    x = torch.randn(2, 4)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match=r"call model\.eval\(\) before the transform"):
+            transform(layer)(x)
+    layer.eval()
+    layer.double()
+    x = x.double()
+    jacobian = torch.func.jacrev(layer)(x)  # (2, 4, 2, 4): rows are independent
+    z = layer(x).detach()
+    for i in range(2):
+        dg = torch.func.jacrev(layer.g)(z[i])
+        exact = torch.linalg.inv(torch.eye(4, dtype=torch.float64) - dg)  # dz/dx = (I - J_g)⁻¹
+        torch.testing.assert_close(jacobian[i, :, i], exact, rtol=1e-7, atol=1e-9)
+        assert float(jacobian[i, :, 1 - i].detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backward", ["ift", "jfb", "phantom", "shine", "unrolled"])
+def test_layers_run_on_the_meta_device_with_real_shapes(backward):
+    # Shape inference (models built on "meta", FLOP counters) runs through a solve: shapes and dtypes
+    # are real, and nothing that needs a value is computed.
+    with torch.device("meta"):
+        mlp = quiet(il.ImplicitMLP, 6, 12, backward=backward, phantom_steps=2)
+        block = quiet(il.InvertibleResidual, il.spectral_norm(nn.Linear(6, 6)), backward=backward, solver="anderson")
+        x = torch.randn(3, 5, 6, requires_grad=True)
+    for mode in ("train", "eval"):
+        for layer in (mlp, block):
+            getattr(layer, mode)()
+        z = mlp(x)
+        y = block.inverse(z.reshape(15, 6))
+        assert z.shape == (3, 5, 6) and z.device.type == "meta" and y.shape == (15, 6)
+        y.sum().backward()
+        assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+        assert mlp.stats.nstep.shape == (15,) and mlp.stats.nstep.device.type == "meta"
+
+
+@pytest.mark.parametrize("layer_kind", ["mlp", "residual"])
+def test_inverse_of_forward_is_exact_in_training_mode_too(layer_kind):
+    # Only a training-mode forward advances the power iteration; the inverse inverts the map that
+    # forward used (one more power step in between once left an error of ~1e-4).
+    torch.manual_seed(0)
+    if layer_kind == "mlp":
+        layer = il.ImplicitMLP(6, 12, activation="tanh", tol=1e-12, max_iter=200).double()
+    else:
+        g = nn.Sequential(il.spectral_norm(nn.Linear(6, 12), 0.7), nn.Tanh(), il.spectral_norm(nn.Linear(12, 6), 0.7))
+        layer = il.InvertibleResidual(g, tol=1e-12, max_iter=200).double()
+    layer.train()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter in layer.parameters():  # an optimizer step: the power iteration lags behind it
+            parameter.add_(0.3 * torch.randn_like(parameter))
+        torch.testing.assert_close(layer.inverse(layer(x)), x, rtol=0, atol=1e-9)

@@ -168,12 +168,143 @@ def test_non_finite_samples_stop_without_leaking(solver, sync_every):
     torch.testing.assert_close(result.nstep[[0, 3]], clean.nstep[[0, 3]])
 
 
-def test_non_finite_first_evaluation_returns_the_initial_guess():
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_non_finite_first_evaluation_returns_the_initial_guess_and_says_why(solver):
     z0 = torch.ones(2, 3)
-    result = il.solve(lambda z: z * torch.tensor([[float("inf")], [0.5]]), z0, solver="anderson", tol=1e-6)
+    scale, shift = torch.tensor([[math.inf], [0.5]]), torch.tensor([[0.0], [1.0]])
+    result = il.solve(lambda z: z * scale + shift, z0, solver=solver, tol=1e-6)
     assert result.converged.tolist() == [False, True]
     torch.testing.assert_close(result.z[0], z0[0])
     assert math.isinf(float(result.residual[0]))
+    # f's first value was inf: non_finite, not "ran out of max_iter" after one evaluation.
+    assert result.status.tolist() == [2, 0] and int(result.nstep[0]) == 1
+    assert result.summary()["non_finite"] == 0.5
+
+
+# Rows of the map of the status property: each kind stops for a known reason, or converges.
+ROW_KINDS = ("contracting", "nan_at_start", "nan_later", "expanding", "no_fixed_point")
+
+
+@st.composite
+def mixed_rows(draw):
+    """A batch mixing converging, non-finite, expanding and fixed-point-free rows (float64)."""
+    kinds = draw(st.lists(st.sampled_from(ROW_KINDS), min_size=1, max_size=8))
+    dim = draw(st.integers(1, 6))
+    generator = torch.Generator().manual_seed(draw(seeds()))
+    weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    weight = draw(st.floats(0.1, 0.95)) * weight / torch.linalg.matrix_norm(weight, ord=2)
+    drive = torch.randn(len(kinds), dim, generator=generator, dtype=torch.float64)
+    return kinds, weight, drive
+
+
+class _Witness:
+    """Row-mixed f(z) that remembers, per sample, what it ever returned: the truth behind each status."""
+
+    def __init__(self, kinds: list[str], weight: torch.Tensor, drive: torch.Tensor) -> None:
+        self.kinds, self.weight, self.drive = kinds, weight, drive
+        self.saw_non_finite = torch.zeros(len(kinds), dtype=torch.bool)
+        self.first_step: torch.Tensor | None = None
+        self.largest_growth = torch.zeros(len(kinds), dtype=torch.float64)
+
+    def image(self, z: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i, kind in enumerate(self.kinds):
+            zi = z[i]
+            if kind == "contracting":
+                rows.append(torch.tanh(zi @ self.weight.T) + self.drive[i])
+            elif kind == "nan_at_start":
+                rows.append(torch.full_like(zi, math.nan))
+            elif kind == "nan_later":  # a contraction towards a point where f is not finite
+                out = 0.5 * zi + 4.0
+                rows.append(torch.where(zi.abs().amax() > 3.0, math.inf, out))
+            elif kind == "expanding":  # z ↦ 3z + d: a fixed point exists, Picard runs away from it
+                rows.append(3.0 * zi + self.drive[i])
+            else:  # z ↦ z + 1: no fixed point at all
+                rows.append(zi + 1.0)
+        return torch.stack(rows)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        fz = self.image(z)
+        finite = torch.isfinite(fz).all(dim=1)
+        self.saw_non_finite |= ~finite
+        step = torch.where(finite, il.residual(z, torch.where(finite[:, None], fz, z), "abs"), 0.0)
+        if self.first_step is None:
+            self.first_step = step
+        else:
+            self.largest_growth = torch.maximum(self.largest_growth, step / self.first_step.clamp_min(1e-300))
+        return fz
+
+
+@given(
+    rows=mixed_rows(),
+    solver=SOLVERS,
+    stop_mode=st.sampled_from(["rel", "abs"]),
+    sync_every=st.sampled_from([1, 3]),
+    max_iter=st.integers(1, 60),
+)
+def test_statuses_tell_the_truth_for_any_mix_of_rows(rows, solver, stop_mode, sync_every, max_iter):
+    # For any map, contractive or not: converged ⇔ the recomputed residual of the returned iterate is
+    # within tol, and every other sample's status names a reason that really happened.
+    kinds, weight, drive = rows
+    tol = 1e-8
+    witness = _Witness(kinds, weight, drive)
+    result = il.solve(
+        witness, torch.zeros_like(drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=max_iter,
+        sync_every=sync_every,
+    )  # fmt: skip
+    clean = _Witness(kinds, weight, drive)
+    image = clean.image(result.z)
+    recomputed = il.residual(result.z, image, stop_mode)
+    converged = result.status == il.Status.converged if hasattr(il, "Status") else result.status == 0
+    assert torch.equal(converged, result.converged)
+    assert torch.equal(result.converged, result.residual <= tol)
+    for i, kind in enumerate(kinds):
+        status = int(result.status[i])
+        assert 1 <= int(result.nstep[i]) <= max_iter
+        if status == 0:
+            assert float(recomputed[i]) <= tol * (1 + 1e-9) + 1e-300
+        else:
+            assert not float(recomputed[i]) <= tol * (1 - 1e-9)  # NaN counts as not within tol
+        if status == 1:
+            assert int(result.nstep[i]) == max_iter
+        if status == 2:
+            assert bool(witness.saw_non_finite[i])
+        if status == 3:
+            assert float(witness.largest_growth[i]) > 1e8 * (1 - 1e-9)
+        if kind == "nan_at_start":  # the first value already tells: one evaluation, non_finite
+            assert status == 2 and int(result.nstep[i]) == 1
+        if kind == "contracting":
+            assert status in (0, 1)
+    assert result.summary()["non_finite"] == pytest.approx(int((result.status == 2).sum()) / len(kinds))
+
+
+@given(
+    solver=SOLVERS,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    exponent=st.floats(0.0, 1.0),
+    seed=seeds(),
+    rate=st.floats(0.1, 0.9),
+)
+def test_every_solver_converges_on_a_contraction_at_any_representable_scale(solver, dtype, exponent, seed, rate):
+    # z = W z + s·c: the same problem at scale s, from the dtype's smallest normal magnitudes to its
+    # largest (leaving room for the fixed point, ≤ s·|c|/(1 - rate)). A solver's own products must
+    # neither overflow nor underflow; "abs" mode with a tolerance scaled like the problem.
+    low, high = (-30, 34) if dtype == torch.float32 else (-290, 300)
+    scale = 10.0 ** (low + exponent * (high - low))
+    dim = 5
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    weight = rate * weight / torch.linalg.matrix_norm(weight, ord=2)
+    drive = torch.rand(3, dim, generator=generator, dtype=torch.float64) + 0.5
+    exact = torch.linalg.solve(torch.eye(dim, dtype=torch.float64) - weight, drive.T).T  # for s = 1
+    weight_, drive_ = weight.to(dtype), (drive * scale).to(dtype)
+    result = il.solve(
+        lambda z: z @ weight_.T + drive_, torch.zeros_like(drive_), solver=solver, stop_mode="abs",
+        tol=(1e-4 if dtype == torch.float32 else 1e-10) * scale, max_iter=400,
+    )  # fmt: skip
+    assert result.status.tolist() == [0, 0, 0]
+    error = relative_error(result.z.double() / scale, exact)
+    assert error <= (1e-3 if dtype == torch.float32 else 1e-8)
 
 
 class _DtypeSpy(Anderson):
@@ -293,10 +424,10 @@ def test_an_overflow_is_non_finite_never_converged(dtype):
     assert set(result.status.tolist()) <= {2, 3}  # stopped as inf/NaN or as growing without bound
 
 
-@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize("solver", BUILTIN)
 def test_huge_but_finite_iterates_converge(solver):
-    # float32 norms of 1e20-sized rows overflow when squared; the residual must not. (Broyden's own
-    # secant products overflow at that scale in float32, and it then reports its samples non-finite.)
+    # float32 norms of 1e20-sized rows overflow when squared; neither the residual nor a solver's own
+    # products may (Broyden's secant products and Anderson's Gram matrix once did).
     drive = torch.full((3, 8), 1e20)
     result = il.solve(lambda z: 0.5 * z + drive, torch.zeros_like(drive), solver=solver, tol=1e-5, max_iter=100)
     assert bool(result.converged.all()) and result.reasons() == {"converged": 3}

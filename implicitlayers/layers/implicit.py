@@ -369,6 +369,8 @@ class FixedPointModule(nn.Module):
     def _report(self, result: SolverResult, direction: str) -> None:
         # tol = 0 asks for a fixed number of iterations: there is no tolerance to miss.
         max_iter, tol = self._budget(direction)
+        if result.converged.device.type == "meta":  # a shapes-only solve: there is no outcome to report
+            return
         if self.on_nonconvergence == "ignore" or tol == 0 or bool(result.converged.all()):
             return
         unconverged = float((~result.converged).float().mean())

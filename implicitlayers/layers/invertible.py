@@ -102,8 +102,14 @@ class InvertibleResidual(FixedPointModule):
         return x + self.g(x)
 
     def inverse(self, y: Tensor) -> Tensor:
-        """x with x + g(x) = y, found from the initial guess x = y; shape of y."""
-        return self.fixed_point(lambda x, y: y - self.g(x), y, y)
+        """x with x + g(x) = y, found from the initial guess x = y; shape of y.
+
+        It inverts the map the last forward used: only a training-mode :meth:`forward` advances the
+        power iteration of spectrally normalised weights, so ``inverse(forward(x))`` recovers x to
+        the solve's tolerance in training mode too.
+        """
+        with _frozen_normalisation(self):
+            return self.fixed_point(lambda x, y: y - self.g(x), y, y)
 
     def forward_with_logdet(
         self,
@@ -226,8 +232,14 @@ class ImplicitMLP(FixedPointModule):
         return z.reshape(x.shape)
 
     def inverse(self, z: Tensor) -> Tensor:
-        """x = z - g(z), explicit and exact; shape ``(..., features)``."""
-        return z - self.g(z)
+        """x = z - g(z), explicit and exact; shape ``(..., features)``.
+
+        It inverts the map the last forward used: only a training-mode :meth:`forward` advances the
+        power iteration of the spectrally normalised weights, so ``inverse(forward(x))`` recovers x
+        to the solve's tolerance in training mode too.
+        """
+        with _frozen_normalisation(self):
+            return z - self.g(z)
 
     def __prepare_scriptable__(self) -> ImplicitMLP:
         """Refuses ``torch.jit.script`` with the reason, before TorchScript compiles anything.

@@ -19,9 +19,10 @@ class AndersonState(NamedTuple):
     """The last ``memory`` images and residuals (slot order, not chronological) and their Gram matrix."""
 
     f: Tensor  # (memory, B, D) images f(z_j)
-    g: Tensor  # (memory, B, D) residuals g_j = f(z_j) - z_j
+    g: Tensor  # (memory, B, D) scaled residuals g_j = (f(z_j) - z_j) / s
     gram: Tensor  # (B, memory, memory) float64, <g_i, g_j>
     count: int  # iterations so far
+    inverse_scale: Tensor  # (B, 1) 1/s: one over the largest magnitude of each sample's first residual
 
 
 class Anderson:
@@ -56,24 +57,31 @@ class Anderson:
     def step(self, state: AndersonState | None, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, AndersonState]:
         if state is None:
             batch, dim = z.shape
+            # Residuals are stored divided by their sample's first residual's largest magnitude, so
+            # the Gram matrix's products neither overflow nor underflow at any scale of the iterates
+            # (the mixing weights do not depend on a sample's scale).
+            largest = (fz - z).abs().amax(dim=1, keepdim=True) if dim else z.new_zeros(batch, 1)
+            usable = (largest > 0) & (largest < math.inf)
             state = AndersonState(
                 f=z.new_empty(self.memory, batch, dim),
                 g=z.new_empty(self.memory, batch, dim),
                 gram=z.new_zeros(batch, self.memory, self.memory, dtype=torch.float64),
                 count=0,
+                inverse_scale=torch.where(usable, 1.0 / largest.clamp_min(torch.finfo(z.dtype).tiny), 1.0),
             )
         slot = state.count % self.memory
         n = min(state.count + 1, self.memory)
+        g = (fz - z) * state.inverse_scale
         if state.count == 0:
             # Every slot starts as a copy of the first pair: a sample that stops early keeps copies
             # (no secant information) in the slots it never reached, not uninitialised memory.
             state.f.copy_(fz.expand_as(state.f))
-            state.g.copy_((fz - z).expand_as(state.g))
+            state.g.copy_(g.expand_as(state.g))
         else:
             # A frozen sample keeps the history it stopped with (its proposals are ignored anyway),
             # so that the secant pairs of adjoint_estimate are its own, not copies of its last iterate.
             keep = active[:, None]
-            torch.where(keep, fz - z, state.g[slot], out=state.g[slot])
+            torch.where(keep, g, state.g[slot], out=state.g[slot])
             torch.where(keep, fz, state.f[slot], out=state.f[slot])
         state = state._replace(count=state.count + 1)
         # Only the newest residual changed: update its row and column of the Gram matrix (n dot
@@ -87,7 +95,7 @@ class Anderson:
         # With history slots j: z_j = f_j - g_j, so the damped mix is Σ α_j f_j - (1 - β) Σ α_j g_j.
         proposal = weighted_sum(state.f[:n], weights)
         if self.damping != 1.0:
-            proposal -= (1.0 - self.damping) * weighted_sum(state.g[:n], weights)
+            proposal -= (1.0 - self.damping) * weighted_sum(state.g[:n], weights) / state.inverse_scale
         return proposal, state
 
     def adjoint_estimate(self, state: AndersonState) -> Callable[[Tensor], Tensor]:
@@ -99,12 +107,14 @@ class Anderson:
         one small least-squares system per sample and no evaluation of f.
         """
         n = min(state.count, self.memory)
-        return lambda cotangent: self._multisecant_adjoint(state.f[:n], state.g[:n], cotangent)
+        return lambda cotangent: self._multisecant_adjoint(state, n, cotangent)
 
-    def _multisecant_adjoint(self, images: Tensor, residuals: Tensor, cotangent: Tensor) -> Tensor:
+    def _multisecant_adjoint(self, state: AndersonState, n: int, cotangent: Tensor) -> Tensor:
+        images, residuals = state.f[:n], state.g[:n]
         if images.shape[0] < 2:
             return cotangent.clone()
-        image_steps = (images[1:] - images[0]).double()  # (n-1, B, D)
+        # The stored residuals are scaled by 1/s; scale the images alike so each secant pair is too.
+        image_steps = (images[1:] - images[0]).double() * state.inverse_scale.double()  # (n-1, B, D)
         residual_steps = (residuals[1:] - residuals[0]).double()
         # H is unchanged when a secant pair (ΔF_j, ΔG_j) is scaled; scaling each to ||ΔG_j|| = 1 keeps
         # the regularisation from erasing the small late steps of a converging solve.

@@ -26,6 +26,7 @@ __all__ = [
     "StepRule",
     "iterate",
     "residual",
+    "unit_rows",
     "validate_solve_args",
     "weighted_sum",
 ]
@@ -195,6 +196,29 @@ def row_norms(x: Tensor, robust: bool = True) -> Tensor:
     return torch.linalg.vector_norm(scaled.double(), dim=1) * scale[:, 0].double()
 
 
+def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / ||x||, ||x||)`` per row of ``x`` (B, D), without overflow or underflow, in x's dtype.
+
+    Each row is scaled by its largest magnitude before the squares are summed, so rows near the
+    dtype's largest (or smallest) values are handled; a zero row gives a zero unit vector and norm 0.
+    """
+    scale = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)
+    scaled = x / scale.clamp_min(torch.finfo(x.dtype).tiny)
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    unit = torch.where(norm > 0, scaled / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
+    return unit, (norm * scale)[:, 0]
+
+
+def underflow_floor(x: Tensor) -> float:
+    """A plain 2-norm of a row of ``x`` (B, D) below this may have lost accuracy to underflow.
+
+    A norm of at least 1024·√(tiny·D) has an entry whose square is normal, and the entries whose
+    squares underflow add at most D·tiny to a sum of at least 2²⁰·D·tiny: the norm is then accurate
+    to 1e-6 relative. (float32: ≈ 1e-16·√D; float64: ≈ 1e-151·√D.)
+    """
+    return 1024.0 * math.sqrt(torch.finfo(x.dtype).tiny * max(math.prod(x.shape[1:]), 1))
+
+
 def _residuals(z: Tensor, fz: Tensor, stop_mode: str, robust: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(residual, ||f(z) - z||, usable)`` per row of flat ``(B, D)`` tensors (see :func:`row_norms`).
 
@@ -293,7 +317,7 @@ class _Tracker:
         batch = len(step.res)
         if self.divergence_limit is None:
             self.divergence_limit = DIVERGENCE_FACTOR * step.diff
-        if step.diverged is not None:
+        if step.diverged is not None:  # measured with care: stop reasons are known
             failed = torch.where(step.diverged, 3, self.status)
             self.status = torch.where(self.active & ~step.finite, 2, failed)
         self.nstep += self.active
@@ -315,17 +339,28 @@ class _Tracker:
         active = counted & (res > self.tol)
         flags = [better, finite, active]
         diverged = None
-        if careful and self.divergence_limit is not None:
-            diverged = counted & (diff > self.divergence_limit)
-            active = active & ~diverged
-            flags[2] = active
-        elif self.divergence_limit is not None:
-            flags.append(diff > self.divergence_limit)  # any sample past the limit: measure with care
+        if careful:
+            # The first evaluation sets the divergence limit, so nothing has diverged yet; but a
+            # non-finite f(z0) is already a stop reason, recorded like any later one.
+            if self.divergence_limit is None:
+                diverged = torch.zeros_like(counted)
+            else:
+                diverged = counted & (diff > self.divergence_limit)
+                active = active & ~diverged
+                flags[2] = active
+        else:
+            # Measure with care where a sample passed the divergence limit, or where its plain norm
+            # is so small that squaring its entries may have underflowed (at tiny scales such a step
+            # would read 0, "converged"; with tol = 0, a fixed budget, only an exact 0 stops a sample).
+            suspicious = diff < (underflow_floor(z) if self.tol > 0 else 0.0)
+            if self.divergence_limit is not None:
+                suspicious = suspicious | (diff > self.divergence_limit)
+            flags.append(suspicious)
         if not sync:
             return _Step(res, diff, finite, counted, better, active, diverged, [], False)
         # One host synchronisation for every flag the driver branches on.
         counts = host_counts(flags)
-        needs_care = not careful and (counts[1] < len(res) or (len(counts) > 3 and counts[3] > 0))
+        needs_care = not careful and (counts[1] < len(res) or counts[3] > 0)
         return _Step(res, diff, finite, counted, better, active, diverged, counts[:3], needs_care)
 
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
@@ -402,6 +437,8 @@ def iterate(
     """
     check_int_at_least("sync_every", sync_every)
     with torch.no_grad():
+        if z0.device.type == "meta":
+            return _shapes_only(f, z0, rule)
         return _iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)
 
 
@@ -450,6 +487,31 @@ def _iterate(
             z = proposal if all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     result = tracker.result(shape, dtype)
     result.adjoint_estimate = adjoint_estimate(rule, state, shape, dtype)
+    return result
+
+
+def _shapes_only(f: Callable[[Tensor], Tensor], z0: Tensor, rule: StepRule) -> SolverResult:
+    """The solve on the meta device, which holds shapes and no values: one evaluation checks f's shape.
+
+    Every field has its real shape and dtype and, like every meta tensor, no value: shape inference
+    (``torch.device("meta")`` model construction, FLOP counters) runs through a solve, and nothing
+    that needs a value (convergence, a branch on a residual) can be read from it by mistake.
+    """
+    shape = z0.shape
+    dtype = working_dtype(z0.dtype)
+    z = z0.detach().reshape(shape[0], math.prod(shape[1:])).to(dtype)
+    fz = _evaluate(f, z, shape, z0.dtype, dtype, first=True)
+    per_sample = torch.empty(shape[0], device="meta")
+    result = SolverResult(
+        z=fz.reshape(shape).to(dtype),
+        nstep=per_sample.long(),
+        residual=per_sample.to(dtype),
+        converged=per_sample.bool(),
+        trace=torch.empty(1, dtype=dtype, device="meta"),
+        status=per_sample.long(),
+    )
+    if getattr(rule, "adjoint_estimate", None) is not None:
+        result.adjoint_estimate = torch.clone  # the estimate's shape: that of its cotangent
     return result
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import check_int_at_least
-from .base import SolverResult, iterate, weighted_sum
+from .base import SolverResult, iterate, unit_rows, weighted_sum
 
 __all__ = ["BROYDEN_METHODS", "Broyden", "broyden"]
 
@@ -90,16 +90,20 @@ class Broyden:
         n = count
         dz, dg = z - state.z, g - state.g
         b_dg = _apply(u[:n], v[:n], dg)
-        # Second method: v = Δg. First method: v = Bᵀ Δz.
+        # Second method: v ∝ Δg. First method: v ∝ Bᵀ Δz. Stored as a unit vector, with the update
+        # written u vᵀ = (Δz - BΔg) vᵀ / ⟨v, Δg⟩: no product of two iterate-sized numbers is ever
+        # formed, so iterates near the dtype's largest values (or smallest) neither overflow nor
+        # underflow in the solver's own arithmetic.
         direction = dg if self.method == "second" else _apply(v[:n], u[:n], dz)
-        denom = torch.linalg.vecdot(direction, dg)
-        scale = torch.linalg.vector_norm(direction, dim=1) * torch.linalg.vector_norm(dg, dim=1)
+        unit, _ = unit_rows(direction)
+        denom = torch.linalg.vecdot(unit, dg)
+        _, dg_norm = unit_rows(dg) if self.method == "first" else (None, denom)
         # Skip the update where the secant direction is (numerically) orthogonal, NaN included: it would
         # blow B up. A zero u makes the stored term u vᵀ vanish, whatever v holds; it is selected, not
         # multiplied by zero, so an overflowed Δz - BΔg cannot leave a NaN behind.
-        usable = active & (denom.abs() > 1e-12 * scale)
+        usable = active & (denom.abs() > 1e-12 * dg_norm)
         u[count] = torch.where(usable[:, None], (dz - b_dg) / denom[:, None], 0.0)
-        v[count] = direction
+        v[count] = unit
         return BroydenState(u, v, count + 1, z, g)
 
 
