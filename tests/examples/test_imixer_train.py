@@ -9,12 +9,16 @@ and corrupt images in ``test_imixer_train_logs.py``. Those files import the help
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from timm.layers import DropPath
 
 train = pytest.importorskip("examples.imixer.train")
 from examples.imixer import checkpoints  # noqa: E402  (after the importorskip)
@@ -159,15 +164,149 @@ def test_one_epoch_on_digits_writes_metrics_summary_and_checkpoints(tmp_path: Pa
     assert (output / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_one_epoch_on_a_cifar10_directory(tmp_path: Path, cifar10_dir: Path) -> None:
-    args = ["--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--img-size", "8", "--epochs", "1"]
-    args += ["--batch-size", "8", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8"]
-    args += ["--cutmix", "1.0", "--smoothing", "0.1", "--drop-path", "0.1", "--model-ema", "--clip-grad", "1.0"]
-    status, output = run_main(tmp_path, *args)
-    assert status == 0
+@dataclass(repr=False)  # its tensors would flood assertion messages
+class Probe:
+    """What the steps of one instrumented run (:func:`probe_run`) saw."""
+
+    rng: tuple = ()  # (torch, numpy, python) generator states when the first epoch began
+    loader_images: list[torch.Tensor] = field(default_factory=list)  # each batch as the loader gave it
+    model_inputs: list[torch.Tensor] = field(default_factory=list)  # ... as the model saw it in training
+    loss_targets: list[torch.Tensor] = field(default_factory=list)  # the targets the loss compared with
+    losses: list[float] = field(default_factory=list)
+    head_dtypes: list[tuple[bool, torch.dtype]] = field(default_factory=list)  # (training?, the head's output dtype)
+    dropped_samples: int = 0  # samples whose residual branch drop-path zeroed in training
+    step_grad_norms: list[float] = field(default_factory=list)  # the gradient norm each optimizer step applied
+    initial_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def probe_run(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path, Probe]:
+    """:func:`run_main`, recording through train.py's own seams what each training step saw."""
+    probe = Probe()
+    train_one_epoch, train_step = train.train_one_epoch, train.train_step
+    build_model, build_state, build_loss = train.build_model, train.build_state, train.build_loss
+
+    def first_epoch(args, state, *rest):
+        if not probe.rng:
+            probe.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        return train_one_epoch(args, state, *rest)
+
+    def step(*args):  # (args, state, images, target, loss_fn, mixup, runtime, step)
+        probe.loader_images.append(args[2].clone())
+        return train_step(*args)
+
+    def model(*args, **kwargs):
+        built = build_model(*args, **kwargs)
+        probe.initial_weights = {key: value.clone() for key, value in built.state_dict().items()}
+
+        def model_input(module, inputs):
+            if module.training:
+                probe.model_inputs.append(inputs[0].detach().clone())
+
+        def head_output(module, inputs, output):
+            probe.head_dtypes.append((module.training, output.dtype))
+
+        def drop_path(module, inputs, output):
+            if module.training:
+                kept = inputs[0].flatten(1).ne(0).any(1)
+                probe.dropped_samples += int((output.flatten(1).eq(0).all(1) & kept).sum())
+
+        built.register_forward_pre_hook(model_input)
+        built.get_classifier().register_forward_hook(head_output)
+        for module in built.modules():
+            if isinstance(module, DropPath):
+                module.register_forward_hook(drop_path)
+        return built
+
+    def state(*args, **kwargs):
+        built = build_state(*args, **kwargs)
+
+        def grad_norm(optimizer, args, kwargs):
+            grads = [p.grad.double() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            probe.step_grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+        built.optimizer.register_step_pre_hook(grad_norm)
+        return built
+
+    def loss(*args, **kwargs):
+        loss_fn = build_loss(*args, **kwargs)
+
+        def recorded(logits, target):
+            value = loss_fn(logits, target)
+            probe.loss_targets.append(target.detach().clone())
+            probe.losses.append(float(value.detach()))
+            return value
+
+        return recorded
+
+    with pytest.MonkeyPatch.context() as patch:
+        for attribute, replacement in [("train_one_epoch", first_epoch), ("train_step", step), ("build_model", model),
+                                       ("build_state", state), ("build_loss", loss)]:  # fmt: skip
+            patch.setattr(train, attribute, replacement)
+        status, output = run_main(tmp_path, *args, name=name)
+    return status, output, probe
+
+
+def first_batch(argv: list[str], rng: tuple) -> torch.Tensor:
+    """The images of the first training batch that the loader of ``argv`` yields from the generator states ``rng``."""
+    loaders = train.build_loaders(train.parse_args(argv), train.Runtime(torch.device("cpu")))
+    loaders.train_sampler.set_epoch(0)
+    torch.set_rng_state(rng[0])
+    np.random.set_state(rng[1])
+    random.setstate(rng[2])
+    with train.batches(loaders.train) as iterator:
+        return next(iterator)[0]
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_one_epoch_on_a_cifar10_directory_with_every_regulariser(tmp_path: Path, cifar10_dir: Path) -> None:
+    """Each flag is seen to act on the run: augmentation on the batches, mixup/cutmix and smoothing on the inputs and
+    targets, drop-path on the residual branches, clipping on the gradient applied, the EMA on its weights."""
+    data = ["--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--img-size", "8", "--batch-size", "8"]
+    augment = [*data, "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.25"]
+    clip = 0.05
+    flags = [*augment, "--epochs", "1", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1",
+             "--drop-path", "0.1", "--model-ema"]  # fmt: skip
+    status, output, probe = probe_run(tmp_path, *flags, "--clip-grad", str(clip))
+    assert status == 0 and len(probe.losses) == 5  # 40 images, batches of 8
     metrics = json.loads((output / "metrics.jsonl").read_text())
     assert "ema_val_top1" in metrics and metrics["train_loss"] > 0
-    assert saved_state(output)["ema"] is not None
+
+    # Augmentation: the loader's first batch, drawn again from the same generator states, is the run's with the
+    # flags and another one without either of them.
+    assert torch.equal(first_batch([*TINY, *augment], probe.rng), probe.loader_images[0])
+    for flag in ("--aa", "--reprob"):
+        assert not torch.equal(first_batch([*TINY, *_without_flag(augment, flag)], probe.rng), probe.loader_images[0])
+
+    # Mixup/CutMix: the model sees mixed images and the loss soft targets: two classes share each row of most
+    # batches (the pair's labels), and label smoothing leaves 0.1 / 10 on every class.
+    assert len(probe.model_inputs) == len(probe.loader_images) == 5
+    assert all(
+        not torch.equal(seen, given) for seen, given in zip(probe.model_inputs, probe.loader_images, strict=True)
+    )
+    targets = torch.cat(probe.loss_targets).double()
+    assert targets.shape == (40, 10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(40, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert targets.min() >= 0.01 - 1e-6
+    assert int((targets > 0.01 + 0.05).sum(1).eq(2).sum()) >= 10  # rows mixing two labels
+
+    # Drop-path zeroed whole samples' residual branches (0.1 of 2 branches x 40 samples: ~8 expected).
+    assert probe.dropped_samples > 0
+
+    # Clipping: every applied gradient is within the bound; the same run without --clip-grad steps with more.
+    assert max(probe.step_grad_norms) <= clip * (1 + 1e-4) and len(probe.step_grad_norms) == 5
+    status, _, unclipped = probe_run(tmp_path, *flags, name="unclipped")
+    assert status == 0 and torch.equal(unclipped.model_inputs[0], probe.model_inputs[0])  # the same first step
+    assert min(unclipped.step_grad_norms) > 2 * clip
+
+    # The EMA moved from the initial weights towards the trained ones, but lags them.
+    ema = {key.removeprefix("module."): value for key, value in saved_state(output)["ema"].items()}
+    final, initial = weights(output), probe.initial_weights
+    distance = lambda a, b: sum(float((a[k].double() - b[k].double()).square().sum()) for k in final)  # noqa: E731
+    assert distance(ema, initial) > 0 and 0 < distance(ema, final) < distance(initial, final)
 
 
 def test_one_epoch_on_cifar100_format_is_rejected_cleanly_without_data(tmp_path: Path, capsys) -> None:
@@ -176,13 +315,21 @@ def test_one_epoch_on_cifar100_format_is_rejected_cleanly_without_data(tmp_path:
     assert "cifar-100-python" in capsys.readouterr().err
 
 
-def test_one_epoch_on_an_image_folder(tmp_path: Path, image_folder: Path) -> None:
+def test_one_epoch_on_an_image_folder_with_amp(tmp_path: Path, image_folder: Path) -> None:
+    """--amp on CPU: the model computes in bfloat16 under autocast (training and evaluation), its weights and
+    inputs stay float32, and the loss stays finite."""
     args = ["--dataset", "imagefolder", "--data-dir", str(image_folder), "--img-size", "8", "--epochs", "1"]
-    status, output = run_main(tmp_path, *args, "--batch-size", "4", "--amp")
+    status, output, probe = probe_run(tmp_path, *args, "--batch-size", "4", "--amp")
     assert status == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 1
     assert weights(output)["head.weight"].shape == (3, 8)  # three class folders
+    assert len(probe.losses) == 6 and all(math.isfinite(loss) for loss in probe.losses)  # 24 images, batches of 4
+    assert {dtype for training, dtype in probe.head_dtypes if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in probe.head_dtypes if not training} == {torch.bfloat16}
+    assert {images.dtype for images in probe.model_inputs} == {torch.float32}
+    assert {tensor.dtype for tensor in weights(output).values()} == {torch.float32}
+    assert math.isfinite(json.loads((output / "metrics.jsonl").read_text())["val_loss"])
 
 
 def test_one_epoch_on_a_food101_directory(tmp_path: Path, food101_dir: Path) -> None:
@@ -190,6 +337,8 @@ def test_one_epoch_on_a_food101_directory(tmp_path: Path, food101_dir: Path) -> 
     status, output = run_main(tmp_path, *args, "--batch-size", "4")
     assert status == 0
     assert weights(output)["head.weight"].shape == (2, 8)
+    data = json.loads((output / "config.json").read_text())["data"]
+    assert (data["train_images"], data["val_images"]) == (8, 4)  # the splits of meta/{train,test}.json
 
 
 def test_vanilla_mixer_trains(tmp_path: Path) -> None:
@@ -235,28 +384,109 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema"]
+# Metrics that measure time: they differ between any two runs, and are checked with a fake clock in
+# test_imixer_train_runs.py.
+WALL_CLOCK_KEYS = {"epoch_seconds", "images_per_second"}
+# state.pt entries that name the session (paths, flags, start time) or its time rather than the training.
+SESSION_STATE_KEYS = {"args", "config", "wall_seconds"}
+
+
+def timeless(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the wall-clock columns."""
+    return [{key: value for key, value in row.items() if key not in WALL_CLOCK_KEYS} for row in rows]
+
+
+def metric_rows(output: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of metrics.jsonl and of metrics.csv (text), without the wall-clock columns."""
+    jsonl = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    with open(output / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return timeless(jsonl), timeless(rows)
+
+
+def assert_identical(expected: object, actual: object, where: str = "") -> None:
+    """Bitwise equality of nested dicts, lists and tensors (dtype and shape included)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), where
+        assert (expected.dtype, expected.shape) == (actual.dtype, actual.shape), where
+        if not torch.equal(expected, actual):
+            raise AssertionError(f"{where}: {(expected != actual).sum().item()} of {expected.numel()} entries differ")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and expected.keys() == actual.keys(), where
+        for key in expected:
+            assert_identical(expected[key], actual[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(expected) is type(actual) and len(expected) == len(actual), where
+        for index, (left, right) in enumerate(zip(expected, actual, strict=True)):
+            assert_identical(left, right, f"{where}[{index}]")
+    else:
+        assert type(expected) is type(actual) and expected == actual, f"{where}: {expected!r} != {actual!r}"
+
+
+def assert_same_training(reference: Path, other: Path) -> None:
+    """``other`` ended exactly where the run ``reference`` did: the weights, every training-state entry of the
+    last checkpoint (optimizer, scheduler, EMA, scaler, RNG, epoch, best top-1, history), and the metrics
+    files, the manifest (last and best) and the summary, all bitwise; only wall-clock times and the session's own
+    paths and flags may differ."""
+    assert_identical(weights(reference), weights(other), "weights")
+    assert_identical(weights(reference, "best"), weights(other, "best"), "best weights")
+    manifests = [checkpoints.read_manifest(output) for output in (reference, other)]
+    assert_identical(*(_without(manifest, "saved_at") for manifest in manifests), "manifest")
+    expected, actual = saved_state(reference), saved_state(other)
+    assert expected.keys() == actual.keys()
+    for key in expected.keys() - SESSION_STATE_KEYS - {"history"}:
+        assert_identical(expected[key], actual[key], key)
+    assert_identical(timeless(json.loads(expected["history"])), timeless(json.loads(actual["history"])), "history")
+    assert_identical(metric_rows(reference), metric_rows(other), "metrics files")
+    summaries = [json.loads((output / "summary.json").read_text()) for output in (reference, other)]
+    for key in ("epochs", "final_top1", "final_top5", "best_top1", "best_epoch"):
+        assert_identical(summaries[0][key], summaries[1][key], f"summary {key}")
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A run killed during warm-up and resumed ends bitwise where the uninterrupted run does (README: identical on
+    CPU): weights, EMA, every AdamW tensor and step count, the schedule, the RNG states and the metrics.
+
+    Every generator is in use: drop-path draws from torch's, Mixup/CutMix from NumPy's, the crops from Python's;
+    clipping at 0.05 binds (the gradient norms are about 0.1). The kill comes before step 3 of epoch 2, so the
+    two updates and the random draws made since the epoch-1 checkpoint are lost with the process. (A kill right
+    after a checkpoint: the crash tests of test_imixer_train_runs.py.)
+    """
+    common = ["--epochs", "3", "--warmup-epochs", "2", "--model-ema", "--drop-path", "0.1", "--mixup", "0.8",
+              "--cutmix", "1.0", "--smoothing", "0.1", "--clip-grad", "0.05"]  # fmt: skip
     assert run_main(tmp_path, *common, name="straight")[0] == 0
 
-    record_epoch = train.record_epoch
+    train_step, train_one_epoch = train.train_step, train.train_one_epoch
 
-    def crash_after_first_epoch(*args, **kwargs):
-        record_epoch(*args, **kwargs)
-        raise Interrupted  # as if the process were killed after writing the epoch-1 checkpoint
+    def crashing(*args):
+        if args[1].epoch == 1 and args[-1] == 2:  # (args, state, ..., step): step 3 of epoch 2
+            raise Interrupted
+        return train_step(*args)
 
-    monkeypatch.setattr(train, "record_epoch", crash_after_first_epoch)
-    with pytest.raises(Interrupted):
-        run_main(tmp_path, *common, name="resumed")
-    monkeypatch.setattr(train, "record_epoch", record_epoch)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "train_step", crashing)
+        with pytest.raises(Interrupted):
+            run_main(tmp_path, *common, name="resumed")
+    assert saved_state(tmp_path / "resumed")["epoch"] == 1
+    capsys.readouterr()
+    trained = []
+
+    def counting(args, state, *rest):
+        trained.append(state.epoch + 1)
+        return train_one_epoch(args, state, *rest)
+
+    monkeypatch.setattr(train, "train_one_epoch", counting)
     assert run_main(tmp_path, *common, "--resume", "auto", name="resumed")[0] == 0
+    assert trained == [2, 3] and "after epoch 1" in capsys.readouterr().out  # resumed, not retrained from scratch
 
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")
+    history = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3] and "ema_val_top1" in history[-1]
+    # The checkpoint was taken half-way through the linear warm-up (11 of 22 updates from 1e-5 to 4e-3).
+    assert history[0]["lr"] == pytest.approx(1e-5 + (4e-3 - 1e-5) * 11 / 22, rel=1e-9)
+    assert saved_state(tmp_path / "resumed")["ema"]
 
 
 def test_eval_only_reloads_the_best_checkpoint_and_reports_its_epoch_and_solver_stats(tmp_path: Path, capsys) -> None:

@@ -6,6 +6,8 @@ size, augmentation policy, optimiser creation) build digits, which is bundled an
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.examples.test_imixer_train import TINY, _skip_plots, run_main  # noqa: F401  (_skip_plots: autouse)
@@ -146,6 +148,19 @@ def test_tensorboard_requested_but_not_installed_is_one_line(tmp_path, capsys, m
 
 @pytest.mark.skipif(not logs.tensorboard_available(), reason="tensorboard is not installed")
 def test_tensorboard_writes_events(tmp_path) -> None:
+    """Each epoch's numeric metrics become scalars at that epoch, grouped train/, val/, solver/ ..."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     status, output = run_main(tmp_path, "--epochs", "1", "--tensorboard")
     assert status == 0
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/train_loss", "val/val_top1", "lr/lr", "solver/fwd_iters_mean", "solver/val_fwd_iters_max"} <= tags
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("train/train_loss", "train_loss"), ("val/val_top1", "val_top1"), ("lr/lr", "lr")):
+        scalars = events.Scalars(tag)
+        assert [scalar.step for scalar in scalars] == [1], tag
+        # TensorBoard stores float32.
+        assert [scalar.value for scalar in scalars] == pytest.approx([entry[key] for entry in history], rel=1e-6)

@@ -18,6 +18,7 @@ import yaml
 from tests.examples.test_imixer_train import (  # noqa: F401  (_skip_plots: an autouse fixture)
     TINY,
     _skip_plots,
+    assert_same_training,
     checkpoint_files,
     run_main,
     saved_state,
@@ -44,6 +45,32 @@ def history(output: Path) -> list[dict]:
 def main_in(parent: Path, *args: str) -> int:
     """``train.main`` with the tiny model under ``--output parent`` (no --experiment unless given)."""
     return train.main([*TINY, "--output", str(parent), "--no-progress", *args])
+
+
+STEP_SECONDS = 1.0  # what one training step costs on the fake clock
+
+
+class FakeClock:
+    """Stands in for train.py's ``time`` module: time passes only in training steps, ``STEP_SECONDS`` each."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock, train_step = FakeClock(), train.train_step
+
+    def timed_step(*args):
+        clock.now += STEP_SECONDS
+        return train_step(*args)
+
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "train_step", timed_step)
+    return clock
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,27 +105,33 @@ def test_generated_names_never_collide(tmp_path: Path) -> None:
     assert name[:8].isdigit() and name[8] == "-" and name.endswith("-imixer_t4_32-cifar10")
 
 
-def test_resume_auto_continues_the_latest_run_with_the_same_settings(tmp_path: Path, capsys) -> None:
+def test_resume_auto_continues_the_latest_run_with_the_same_settings(
+    tmp_path: Path, capsys, fake_clock: FakeClock
+) -> None:
+    """Times come from a fake clock on which each training step takes ``STEP_SECONDS`` (11 steps per epoch)."""
+    epoch = 11 * STEP_SECONDS  # 1437 digits // batch 128
     assert main_in(tmp_path, "--epochs", "1") == 0
     (solved,) = tmp_path.iterdir()
+    first = json.loads((solved / "summary.json").read_text())
+    assert first["wall_seconds"] == first["session_seconds"] == history(solved)[0]["epoch_seconds"] == epoch
+    assert history(solved)[0]["images_per_second"] == 11 * 128 / epoch
     assert main_in(tmp_path, "--epochs", "1", "--reference-iterations", "2", "--experiment", "ref") == 0
     ref_before = fingerprint(tmp_path / "ref")
 
-    first = json.loads((solved / "summary.json").read_text())
-
     # Without --experiment: the latest run of this model, data and implicit settings (not the newer ref run).
+    capsys.readouterr()
     assert main_in(tmp_path, "--epochs", "2", "--resume", "auto") == 0
+    assert f"after epoch 1 ({epoch:.1f} s of training so far)" in capsys.readouterr().out
     assert [entry["epoch"] for entry in history(solved)] == [1, 2]
     assert fingerprint(tmp_path / "ref") == ref_before
-    # The total training time goes on from the checkpoint's.
+    # The total training time goes on from the checkpoint's: this session's one epoch on top of the first's.
     second = json.loads((solved / "summary.json").read_text())
-    epoch_2 = history(solved)[1]["epoch_seconds"]
-    assert second["wall_seconds"] == pytest.approx(first["wall_seconds"] + epoch_2, rel=0.5)
-    assert second["wall_seconds"] > first["wall_seconds"] and second["session_seconds"] < second["wall_seconds"]
+    assert history(solved)[1]["epoch_seconds"] == second["session_seconds"] == epoch
+    assert second["wall_seconds"] == saved_state(solved)["wall_seconds"] == 2 * epoch
     # Resuming the finished run trains nothing and keeps the recorded total exactly.
     assert main_in(tmp_path, "--epochs", "2", "--resume", "auto") == 0
     third = json.loads((solved / "summary.json").read_text())
-    assert third["wall_seconds"] == second["wall_seconds"] and third["epochs"] == 2
+    assert (third["wall_seconds"], third["session_seconds"], third["epochs"]) == (2 * epoch, 0.0, 2)
     # With --experiment: that folder.
     assert main_in(tmp_path, "--epochs", "2", "--resume", "auto", "--reference-iterations", "2",
                    "--experiment", "ref") == 0  # fmt: skip
@@ -239,13 +272,33 @@ def one_epoch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+CRASH_RUN = ["--epochs", "2", "--drop-path", "0.1"]
+
+
 @pytest.fixture(scope="module")
-def two_epochs(one_epoch: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The weights after epoch 2 of the uninterrupted run (continued from ``one_epoch``)."""
-    parent = tmp_path_factory.mktemp("two")
-    shutil.copytree(one_epoch, parent / "run")
-    assert run_main(parent, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")[0] == 0
-    return weights(parent / "run")
+def two_epochs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the 2-epoch run, uninterrupted."""
+    status, output = run_main(tmp_path_factory.mktemp("two"), *CRASH_RUN)
+    assert status == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def first_of_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same 2-epoch run killed right after its epoch-1 checkpoint was committed."""
+    record_epoch = train.record_epoch
+
+    def crash_after_epoch_1(*args, **kwargs):
+        record_epoch(*args, **kwargs)
+        raise Crash
+
+    parent = tmp_path_factory.mktemp("first")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "record_epoch", crash_after_epoch_1)
+        with pytest.raises(Crash):
+            run_main(parent, *CRASH_RUN)
+    assert saved_state(parent / "run")["epoch"] == 1
+    return parent / "run"
 
 
 def _leave_a_torn_manifest(run_dir: Path, manifest: dict) -> None:
@@ -266,10 +319,12 @@ CRASH_POINTS = {
 
 @pytest.mark.parametrize("step", CRASH_POINTS)
 def test_a_crash_at_any_point_of_a_commit_resumes_from_the_last_complete_checkpoint(
-    step: str, tmp_path: Path, one_epoch: Path, two_epochs: dict, monkeypatch: pytest.MonkeyPatch
+    step: str, tmp_path: Path, first_of_two: Path, two_epochs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The epoch-2 commit of a 2-epoch run is killed at ``step``; resumed, the run ends exactly where the same run
+    never interrupted does (weights, optimizer, schedule, RNG, metrics: :func:`assert_same_training`)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(one_epoch, run_dir)
+    shutil.copytree(first_of_two, run_dir)
     when, committed = CRASH_POINTS[step]
     real = getattr(checkpoints, step)
     calls = {"n": 0}
@@ -287,17 +342,15 @@ def test_a_crash_at_any_point_of_a_commit_resumes_from_the_last_complete_checkpo
     monkeypatch.setattr(checkpoints, step, crashing)
     (run_dir / ".summary.json.abc123.tmp").write_text("{")  # an older kill -9 during another atomic write
     with pytest.raises(Crash):
-        run_main(tmp_path, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")
+        run_main(tmp_path, *CRASH_RUN, "--resume", "auto")
     monkeypatch.setattr(checkpoints, step, real)
 
     manifest = checkpoints.read_manifest(run_dir)
     assert manifest["last"]["epoch"] == (2 if committed else 1)
     assert saved_state(run_dir)["epoch"] == manifest["last"]["epoch"]  # the pair always agrees
 
-    assert run_main(tmp_path, "--epochs", "2", "--drop-path", "0.1", "--resume", "auto")[0] == 0
-    resumed = weights(run_dir)
-    for key, value in two_epochs.items():
-        assert torch.equal(resumed[key], value), key  # as if nothing had happened
+    assert run_main(tmp_path, *CRASH_RUN, "--resume", "auto")[0] == 0
+    assert_same_training(two_epochs, run_dir)  # as if nothing had happened
     assert [entry["epoch"] for entry in history(run_dir)] == [1, 2]
     assert not list(run_dir.rglob("*.tmp")), "stale temporary files were left"
     referenced = {Path(checkpoints.read_manifest(run_dir)[tag]["path"]).name for tag in ("last", "best")}
