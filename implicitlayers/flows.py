@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
+from .errors import check_int_at_least
 from .logdet import LOGDET_ESTIMATORS
 from .solvers import SolverResult
 
@@ -34,23 +35,40 @@ EXACT_MAX_DIM = 16
 class ActNorm(nn.Module):
     """Per-feature affine map y = (x + b) · exp(s) with data-dependent initialisation (Glow).
 
-    The first forward in training mode sets b and s so that that batch leaves with zero mean and unit
-    variance per feature; ``initialized`` (a buffer) records it, so a loaded state dict is not
+    The first forward in training mode sets b and s from that batch: b = -mean and s = -log(std + eps)
+    per feature (over the batch and any positions), with the biased standard deviation (Glow's
+    choice, defined for every batch size), so the batch leaves with zero mean and unit variance
+    (1/N normalisation). ``initialized`` (a buffer) records it, so a loaded state dict is not
     re-initialised.
+
+    A feature whose spread in that batch carries no information about its scale is only centred
+    (s = 0): its standard deviation is at most ``min_std`` (a single element per feature, a constant
+    feature, or one that varies by less than ``min_std``), or at most 64 units of rounding of its mean
+    magnitude (a spread that is rounding, not signal). 1/std would be unbounded there — a constant
+    first batch used to set s = -log(eps), sending an input 0.01 away to ~1e4 — whereas this way every
+    initial scale exp(s) is at most max(1, 1/``min_std``). The scale then trains like any parameter. A
+    non-finite value in the initialising batch raises ``ValueError`` and leaves the module
+    uninitialised; an empty batch initialises nothing.
 
     Args:
         num_features: Size of the feature dimension (dim 1).
-        eps: Added to the standard deviation at initialisation.
+        eps: Added to the standard deviation at initialisation (>= 0).
+        min_std: Standard deviations at or below this are not normalised at initialisation (> 0).
 
     Shapes:
         x: ``(B, C, ...)``; output: the same; log-determinant: ``(B,)``.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-6, min_std: float = 1e-3) -> None:
         super().__init__()
+        if not eps >= 0 or not math.isfinite(eps):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not min_std > 0 or not math.isfinite(min_std):
+            raise ValueError(f"min_std must be a finite number > 0, got {min_std!r}")
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.eps = eps
+        self.min_std = min_std
         self.register_buffer("initialized", torch.tensor(False))
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
@@ -58,9 +76,25 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        per_feature = x.transpose(0, 1).reshape(x.shape[1], -1)
-        self.bias.copy_(-per_feature.mean(dim=1))
-        self.log_scale.copy_(-torch.log(per_feature.std(dim=1) + self.eps))
+        per_feature = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+        if per_feature.shape[1] == 0:
+            return  # nothing to learn from: the next non-empty batch initialises
+        if not bool(torch.isfinite(per_feature).all()):
+            raise ValueError(
+                "x must be finite in the batch that initialises ActNorm (its first training-mode forward): "
+                "a NaN or inf would be stored in bias and log_scale"
+            )
+        # float64 statistics (on the CPU where a device has no float64): the initialised batch is
+        # centred and scaled to the parameters' precision.
+        values = (per_feature.cpu() if per_feature.device.type == "mps" else per_feature).double()
+        mean = values.mean(dim=1)
+        std = (values - mean[:, None]).square().mean(dim=1).sqrt()  # biased: defined for one element
+        precision = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        rounding = 64 * torch.finfo(precision).eps * mean.abs()
+        degenerate = (std <= self.min_std) | (std <= rounding)
+        log_scale = torch.where(degenerate, 0.0, -torch.log(std + self.eps))
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(log_scale)
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,9 +230,28 @@ class ResidualFlow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` samples of the model: base draws pushed through :meth:`inverse`."""
+        """``n`` samples of the model: base draws pushed through :meth:`inverse`.
+
+        Args:
+            n: Number of samples (>= 1).
+            generator: Random source of the base draws, so that a seeded generator reproduces the
+                samples. With a :class:`torch.distributions.Distribution` base (whose ``sample``
+                takes no generator) it is honoured for :class:`~torch.distributions.Normal`,
+                :class:`~torch.distributions.MultivariateNormal` and
+                :class:`~torch.distributions.Independent` of those, drawn by reparametrisation from
+                ``torch.randn(generator=generator)``; other distributions raise ``ValueError`` when a
+                generator is given. Without one, the base's own ``sample`` (global random state).
+
+        Returns:
+            The samples, shape ``(n, *event_shape)``.
+
+        Raises:
+            ValueError: If ``n`` is not a positive integer, or ``generator`` is given with a base
+                distribution it cannot drive.
+        """
+        check_int_at_least("n", n)
         if self.base is not None:
-            z = self.base.sample((n,))
+            z = self.base.sample((n,)) if generator is None else _draw(self.base, (n,), generator)
         else:
             parameter = next(self.parameters(), None)
             dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
@@ -206,3 +259,30 @@ class ResidualFlow(nn.Module):
             if parameter is not None:
                 z = z.to(parameter.device)
         return self.inverse(z)
+
+
+# Distributions whose draws _draw can take from a generator, by exact type: a subclass may sample otherwise.
+_GENERATOR_DISTRIBUTIONS = (Normal, MultivariateNormal, Independent)
+
+
+def _standard_normal(shape: torch.Size, like: Tensor, generator: torch.Generator) -> Tensor:
+    """N(0, I) of ``shape`` from ``generator`` (on its device), in ``like``'s dtype and on its device."""
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _draw(base: Distribution, sample_shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """``base.sample(sample_shape)``, drawn from ``generator`` by reparametrisation."""
+    if type(base) not in _GENERATOR_DISTRIBUTIONS:
+        accepted = ", ".join(kind.__name__ for kind in _GENERATOR_DISTRIBUTIONS)
+        raise ValueError(
+            f"generator can drive a base distribution of type {accepted} (Independent of those) only, got "
+            f"{type(base).__name__}: its sample() takes no generator; pass generator=None to draw from the "
+            "global random state"
+        )
+    if isinstance(base, Independent):  # reinterprets batch dimensions as event dimensions: same draws
+        return _draw(base.base_dist, sample_shape, generator)
+    shape = torch.Size(sample_shape) + base.batch_shape + base.event_shape
+    if isinstance(base, Normal):
+        return base.loc + base.scale * _standard_normal(shape, base.loc, generator)
+    noise = _standard_normal(shape, base.loc, generator)  # MultivariateNormal: loc + L ε, Σ = L Lᵀ
+    return base.loc + (base.scale_tril @ noise.unsqueeze(-1)).squeeze(-1)

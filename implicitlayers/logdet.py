@@ -14,6 +14,11 @@ which converges because every eigenvalue of J is smaller than one in magnitude. 
   Lip(g)^{n+1} / ((n+1)(1 - Lip(g))) per dimension for n terms.
 * ``"roulette"``: the Russian-roulette estimator of Residual Flows (Chen et al. 2019): ``terms``
   terms always, then a Geometric(1/2) number more, each weighted by 1/P(term reached): unbiased.
+  Its variance is finite only when the terms decay faster than the weights 2^j grow: term k is of
+  size about ρ(J)^k, so the second moment Σ_j 2^j ρ^(2(terms+j)) diverges once ρ(J) > 1/√2 ≈ 0.71,
+  which Lip(g) = 0.9–0.97 allows (ρ(J) <= Lip(g)). The estimates are then still unbiased but
+  heavy-tailed (rare draws far from the mean); more ``terms`` scale the tail down by ρ^(2·terms)
+  but do not make it finite.
 
 The series and roulette gradients use the Neumann-series estimator of Residual Flows,
 ∂ log det(I + sJ) = tr((I + sJ)⁻¹ s ∂J) ≈ wᵀ (s ∂J) v with w = Σ_j (-s)^j Jᵀʲ v weighted like the
