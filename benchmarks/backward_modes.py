@@ -36,15 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS_ASSETS = REPO / "docs" / "assets" / "backward"
 
 MODES: dict[str, dict[str, Any]] = {
-    "ift": {"backward": "ift"},
-    "shine": {"backward": "shine"},
-    "shine, 2 refinements": {"backward": "shine", "shine_refine": 2},
-    "shine, 5 refinements": {"backward": "shine", "shine_refine": 5},
+    "ift": {"backward": il.IFT()},
+    "shine": {"backward": il.Shine()},
+    "shine, 2 refinements": {"backward": il.Shine(refine=2)},
+    "shine, 5 refinements": {"backward": il.Shine(refine=5)},
     # The same adjoint budgets from a cold start (u = v): what the SHINE estimate is worth as a start.
-    "ift, 2 adjoint steps": {"backward": "ift", "backward_max_iter": 2, "on_nonconvergence": "ignore"},
-    "ift, 5 adjoint steps": {"backward": "ift", "backward_max_iter": 5, "on_nonconvergence": "ignore"},
-    "phantom, 5 steps (λ 0.5)": {"backward": "phantom", "phantom_steps": 5, "phantom_damping": 0.5},
-    "jfb": {"backward": "jfb"},
+    "ift, 2 adjoint steps": {"backward": il.IFT(max_iter=2), "on_nonconvergence": "ignore"},
+    "ift, 5 adjoint steps": {"backward": il.IFT(max_iter=5), "on_nonconvergence": "ignore"},
+    "phantom, 5 steps (λ 0.5)": {"backward": il.Phantom(steps=5, damping=0.5)},
+    "jfb": {"backward": il.JFB()},
 }
 
 

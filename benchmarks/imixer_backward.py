@@ -50,29 +50,32 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import imixer_training as training  # noqa: E402  (task, model and schedule of the trajectory benchmark)
 
 import implicitlayers as il  # noqa: E402
-from implicitlayers.backward import SHINE_SOLVERS  # noqa: E402
 
 DOCS_DIR = training.DOCS_DIR
 SETTINGS_SHOWN = ("solver", "backward", "tol", "activation", "coeff")  # the trained model's, in the header
-EXACT = {"solver": "anderson", "tol": 1e-10, "max_iter": 400, "backward_tol": 1e-12, "backward_max_iter": 600}
-# Gradient modes compared with the exact gradient: layer attributes set on every token mixer.
-MODES: dict[str, dict[str, Any]] = {
-    "ift": {"backward": "ift"},
-    "ift, 2 adjoint steps": {"backward": "ift", "backward_max_iter": 2},
-    "shine": {"backward": "shine", "shine_refine": 0},
-    "shine + 2 refinements": {"backward": "shine", "shine_refine": 2},
-    "phantom, 2 steps": {"backward": "phantom", "phantom_steps": 2},
-    "phantom, 5 steps": {"backward": "phantom", "phantom_steps": 5},
-    "jfb": {"backward": "jfb"},
+EXACT = {
+    "solver": il.Anderson(),
+    "budget": il.Budget(max_iter=400, tol=1e-10),
+    "backward": il.IFT(max_iter=600, tol=1e-12),
+}
+# Gradient modes compared with the exact gradient, set on every token mixer.
+MODES: dict[str, il.Gradient] = {
+    "ift": il.IFT(),
+    "ift, 2 adjoint steps": il.IFT(max_iter=2),
+    "shine": il.Shine(),
+    "shine + 2 refinements": il.Shine(refine=2),
+    "phantom, 2 steps": il.Phantom(steps=2),
+    "phantom, 5 steps": il.Phantom(steps=5),
+    "jfb": il.JFB(),
 }
 
 
-def configure(net: nn.Module, settings: dict[str, Any]) -> None:
-    """Sets layer attributes on every token mixer; eval-mode budgets follow ``tol`` / ``max_iter``."""
+def configure(net: nn.Module, **settings: Any) -> None:
+    """Sets ``solver``/``budget``/``backward`` on every token mixer (validated); eval mode uses ``budget``."""
     for layer in net.implicit_layers():
         for key, value in settings.items():
             setattr(layer, key, value)
-        layer.eval_tol, layer.eval_max_iter = layer.tol, layer.max_iter
+        layer.eval_budget = None
         layer.on_nonconvergence = "ignore"  # capped adjoints miss their tolerance by design
 
 
@@ -92,15 +95,15 @@ def compare_modes(net: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[st
     """The exact gradient, then each mode's error, cosine and median times."""
     net.eval()
     exact_net = copy.deepcopy(net).double()
-    configure(exact_net, {**EXACT, "backward": "ift", "solver": "anderson"})
+    configure(exact_net, **EXACT)
     exact, _, _ = flat_gradient(exact_net, x.double(), y)
     exact_converged = all(bool(layer.stats.converged.all()) for layer in exact_net.implicit_layers())
     rows = []
-    for name, settings in MODES.items():
-        if settings["backward"] == "shine" and net.implicit_layers()[0].solver not in SHINE_SOLVERS:
+    for name, gradient in MODES.items():
+        if gradient.needs_memory and not net.implicit_layers()[0].solver.keeps_memory:
             continue
         model = copy.deepcopy(net)
-        configure(model, settings)
+        configure(model, backward=gradient)
         forward, backward = [], []
         for _ in range(repeats):
             grad, seconds_forward, seconds_backward = flat_gradient(model, x, y)
@@ -112,7 +115,7 @@ def compare_modes(net: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[st
         rows.append(
             {
                 "mode": name,
-                "settings": settings,
+                "settings": repr(gradient),
                 "relative_error": error,
                 "cosine": cosine,
                 "forward_seconds": statistics.median(forward),

@@ -76,8 +76,8 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import implicitlayers as il  # noqa: E402
 from examples.imixer import imixer as imixer_model  # noqa: E402  (registers the imixer_* / mixer_t* timm models)
-from implicitlayers.backward import SHINE_SOLVERS  # noqa: E402
 
 SOLVERS = ["broyden", "anderson", "picard"]
 BACKWARDS = ["ift", "phantom", "jfb", "shine"]
@@ -110,7 +110,7 @@ def all_modes() -> list[str]:
         for tol in TOLS
         for s in SOLVERS
         for b in BACKWARDS
-        if not (b == "shine" and s not in SHINE_SOLVERS)
+        if not (b == "shine" and not il.as_solver(s).keeps_memory)
     ]
     return modes
 

@@ -43,13 +43,10 @@ the stratified 80/20 split of ``examples/imixer/data.py``, 1437 training and 360
 **Configurations** (``--configs``): preset names (:data:`PRESETS`) or ``name=key:value,...`` with the
 keys of :data:`OPTION_KEYS`; ``mixer`` is always run (first) as the baseline of the ratios.
 
-* model options (passed to ``timm.create_model``): ``model`` (``imixer`` or ``mixer``), ``solver``,
-  ``backward``, ``tol``, ``max_iter``, ``coeff``, ``n_power_iterations``, ``hidden_ratio``, ``z_init``,
-  ``phantom_steps``, ``reference_iterations``;
-* layer options the model does not expose, set on every token mixer's :class:`il.ImplicitMLP` after
-  construction (validated by building a throwaway layer with them): ``activation`` (F's two
-  activations swapped, weights unchanged), ``shine_refine``, ``backward_solver``,
-  ``backward_max_iter``, ``backward_tol``, ``eval_max_iter``, ``eval_tol``, ``phantom_damping``;
+* model options: ``model`` (``imixer`` or ``mixer``), and every field of the iMixer's
+  :class:`IMixerSettings` (``solver``, ``backward``, ``tol``, ``max_iter``, ``activation``,
+  ``shine_refine``, ``backward_tol``, ``eval_tol``, ``reference_iterations``, ...), passed to
+  ``timm.create_model`` and validated by :meth:`IMixerSettings.build` before any training;
 * training options: ``jac_weight`` (weight of the Jacobian penalty added to the loss: the sum over
   blocks of the layers' ``jacobian_loss``, ‖J_F(z*)‖_F²/dim, Bai et al. 2021) and ``jac_samples``
   (its Hutchinson samples per forward, default 1).
@@ -73,8 +70,8 @@ keys of :data:`OPTION_KEYS`; ``mixer`` is always run (first) as the baseline of 
   ``inverse_error_max`` / ``_mean``: ||z - z*|| / ||z*|| against z* = (1 - F)⁻¹(x) solved in float64
   (Anderson from z to a relative residual of 1e-10, at most 300 iterations;
   ``true_solve_residual_max`` and ``true_solve_converged`` tell whether it got there);
-  ``spectral_radius_mean`` / ``_max``: ρ(J_F(z*)) by :func:`il.spectral_radius` (30 power steps, fixed
-  generator), the local contraction rate that sets the iteration counts; ``lipschitz_bound``:
+  ``spectral_radius_mean`` / ``_max``: ρ(J_F(z*)) by :func:`il.spectral_radius` (30 Arnoldi steps, fixed
+  generator), the asymptotic contraction rate that sets the iteration counts; ``lipschitz_bound``:
   :func:`il.lipschitz_bound` of F (the certified bound for every weight the normalisation allows:
   coeff² · Lip(act)²); ``lipschitz_weights``: the bound for the current weights, the product of the
   exact spectral norms of F's two normalised weight matrices and Lip(act)² (above coeff² · Lip(act)²
@@ -108,6 +105,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -131,7 +129,6 @@ import imixer_step  # noqa: E402  (the machine description both benchmarks recor
 
 import implicitlayers as il  # noqa: E402
 from examples.imixer import imixer as imixer_model  # noqa: E402  (registers imixer_t4_32 / mixer_t4_32)
-from implicitlayers.layers.invertible import make_activation  # noqa: E402
 
 TASKS = ("digits", "digits-hard")
 DOCS_DIR = REPO / "docs" / "assets" / "imixer_training"
@@ -139,21 +136,10 @@ NUM_CLASSES = 10
 VAL_COPIES = 4  # distorted copies of each validation digit in digits-hard
 VAL_DISTORTION_SEED = 12345  # the fixed digits-hard validation set
 
-# Option keys a configuration may set, by where they go.
-MODEL_KEYS = (*imixer_model.IMPLICIT_DEFAULTS, "reference_iterations")
-LAYER_KEYS = (
-    "activation",
-    "shine_refine",
-    "backward_solver",
-    "backward_max_iter",
-    "backward_tol",
-    "eval_max_iter",
-    "eval_tol",
-    "phantom_damping",
-    "compact_rows",
-)
+# Option keys a configuration may set: the iMixer's settings fields, and the training loop's.
+MODEL_KEYS = tuple(field.name for field in dataclasses.fields(imixer_model.IMixerSettings))
 TRAINING_KEYS = ("jac_weight", "jac_samples")
-OPTION_KEYS = ("model", *MODEL_KEYS, *LAYER_KEYS, *TRAINING_KEYS)
+OPTION_KEYS = ("model", *MODEL_KEYS, *TRAINING_KEYS)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mixer": {"model": "mixer"},
@@ -350,20 +336,13 @@ def validate_options(name: str, options: dict[str, Any]) -> None:
         if extra:
             raise ValueError(f"configuration {name!r}: the vanilla mixer takes no options, got {extra}")
         return
-    settings = imixer_model.implicit_settings(
-        options.get("reference_iterations"), **{k: options[k] for k in imixer_model.IMPLICIT_DEFAULTS if k in options}
-    )
-    layer_options = {k: v for k, v in settings.items() if k not in ("hidden_ratio", "reference_iterations")}
-    layer_options["solver_options"] = {"sync_every": layer_options.pop("sync_every")}
-    layer_options.update({k: options[k] for k in LAYER_KEYS if k in options})
+    fields = {k: options[k] for k in MODEL_KEYS if k in options and k != "reference_iterations"}
     if options.get("jac_weight", 0.0):
-        layer_options["jacobian_penalty"] = options.get("jac_samples", 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", il.LipschitzWarning)
-        try:
-            il.ImplicitMLP(4, 8, **layer_options)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"configuration {name!r}: {error}") from None
+        fields["jacobian_penalty"] = options.get("jac_samples", 1)
+    try:
+        imixer_model.IMixerSettings.build(options.get("reference_iterations"), **fields)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"configuration {name!r}: {error}") from None
 
 
 def build_model(options: dict[str, Any], img_size: int, patch_size: int) -> nn.Module:
@@ -378,18 +357,10 @@ def build_model(options: dict[str, Any], img_size: int, patch_size: int) -> nn.M
     }
     if options.get("model", "imixer") == "mixer":
         return timm.create_model("mixer_t4_32", **shape)
-    net = timm.create_model("imixer_t4_32", **shape, **{k: options[k] for k in MODEL_KEYS if k in options})
-    for layer in net.implicit_layers():
-        for key in LAYER_KEYS:
-            if key in options and key != "activation":
-                setattr(layer, key, options[key])
-        if options.get("jac_weight", 0.0):
-            layer.jacobian_penalty = int(options.get("jac_samples", 1))
-        if "activation" in options:
-            for index, child in enumerate(layer.g):
-                if not isinstance(child, nn.Linear):
-                    layer.g[index] = make_activation(options["activation"])
-    return net
+    fields = {k: options[k] for k in MODEL_KEYS if k in options}
+    if options.get("jac_weight", 0.0):
+        fields["jacobian_penalty"] = int(options.get("jac_samples", 1))
+    return timm.create_model("imixer_t4_32", **shape, **fields)
 
 
 def implicit_layers(net: nn.Module) -> list[il.ImplicitMLP]:
@@ -408,12 +379,12 @@ class IterationLog:
     def __init__(self, blocks: int) -> None:
         self.records: list[list[tuple[float, float, float]]] = [[] for _ in range(blocks)]
 
-    def add(self, block: int, result: il.SolverResult | None, tol: float) -> None:
-        """Logs one solve of ``block`` (nothing if ``result`` is None); ``tol`` 0 means a fixed count, never missed."""
+    def add(self, block: int, result: il.SolverResult | None) -> None:
+        """Logs one solve of ``block`` (nothing if ``result`` is None); a fixed budget run (tol 0) is no failure."""
         if result is None:
             return
         nstep = result.nstep.float()
-        unconverged = float((~result.converged).float().mean()) if tol > 0 else 0.0
+        unconverged = float((~result.succeeded).float().mean())
         self.records[block].append((float(nstep.mean()), float(nstep.max()), unconverged))
 
     def summary(self) -> list[dict[str, float]] | None:
@@ -480,8 +451,8 @@ def block_diagnostics(layer: il.ImplicitMLP, x: Tensor, z: Tensor) -> dict[str, 
         "spectral_radius_max": float(radius.max()),
         "lipschitz_bound": il.lipschitz_bound(layer.g),
         "lipschitz_weights": lipschitz_of_weights(layer.g),
-        "eval_tol": float(layer.eval_tol),
-        "unconverged": float((~stats.converged).float().mean()) if layer.eval_tol > 0 else 0.0,
+        "eval_tol": float(stats.budget.tol),
+        "unconverged": float((~stats.succeeded).float().mean()),
     }
 
 
@@ -525,8 +496,8 @@ class Run:
             if jac is not None:
                 jac_losses.append(float(jac.detach()))
             for block, layer in enumerate(self.layers):
-                forward.add(block, layer.stats, layer.tol)
-                backward.add(block, layer.backward_stats, layer.backward_tol)
+                forward.add(block, layer.stats)
+                backward.add(block, layer.backward_stats)
         return {
             "train_loss": statistics.fmean(losses),
             "jac_loss": statistics.fmean(jac_losses) if jac_losses else None,
@@ -546,7 +517,7 @@ class Run:
             logits = self.net(task.val_x[start : start + eval_batch])
             correct += int((logits.argmax(dim=1) == task.val_y[start : start + eval_batch]).sum())
             for block, layer in enumerate(self.layers):
-                forward.add(block, layer.stats, layer.eval_tol)
+                forward.add(block, layer.stats)
         record = {
             "val_top1": 100.0 * correct / len(task.val_y),
             "eval_forward": forward.summary(),

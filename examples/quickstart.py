@@ -85,7 +85,7 @@ def ift_backward(batch: int, tol: float, seed: int) -> None:
     assert stats is not None
     summary = stats.summary()
     grad_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in layer.parameters() if p.grad is not None))
-    print(f"\nIFT backward (solver {layer.backward_solver!r}): loss {float(loss.detach()):.6f}")
+    print(f"\nIFT backward (solver {layer.backward.solver or layer.solver!r}): loss {float(loss.detach()):.6f}")
     print(
         f"backward_stats: nstep mean {summary['nstep_mean']:.1f}, max {int(summary['nstep_max'])}, "
         f"max residual {summary['residual_max']:.2e}, converged {1 - summary['unconverged']:.0%}"

@@ -234,7 +234,7 @@ def test_configuration_parsing_and_levers(module):
             for m in layer.g
         ]
         assert kinds == ["LipSwish", "Linear", "LipSwish", "Linear"]
-        assert layer.jacobian_penalty == 1 and layer.tol == 0.01 and layer.eval_tol == 1e-4
+        assert layer.jacobian_penalty == 1 and layer.tol == 0.01 and layer.eval_budget.tol == 1e-4
         assert module.il.lipschitz_bound(layer.g) == pytest.approx(0.8**2 * (1.09984 / 1.1) ** 2)
     assert module.implicit_layers(module.build_model({"model": "mixer"}, 16, 2)) == []
 

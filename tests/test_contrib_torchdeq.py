@@ -34,16 +34,18 @@ def test_register_returns_the_names_and_is_idempotent():
     assert il_torchdeq.register() == NAMES
     for name in NAMES:
         assert name in il.available_solvers()
-        assert il.get_solver(name) is il_torchdeq.SOLVER_NAMES[name]
+        assert type(il.get_solver(name)) is il_torchdeq.SOLVER_NAMES[name]
+    assert il.get_solver("torchdeq.anderson", m=3) == il_torchdeq.TorchDEQAnderson(m=3)
+    assert not il_torchdeq.TorchDEQBroyden.keeps_memory  # its memory is not exposed: no SHINE
 
 
 def test_register_refuses_to_replace_a_different_solver_unless_asked():
-    il.register_solver("torchdeq.broyden", il.get_solver("broyden"), overwrite=True)
+    il.register_solver("torchdeq.broyden", il.Broyden, overwrite=True)
     try:
         with pytest.raises(ValueError, match="already registered"):
             il_torchdeq.register()
         il_torchdeq.register(overwrite=True)
-        assert il.get_solver("torchdeq.broyden") is il_torchdeq.broyden
+        assert type(il.get_solver("torchdeq.broyden")) is il_torchdeq.TorchDEQBroyden
     finally:
         il_torchdeq.register(overwrite=True)
 
@@ -91,6 +93,11 @@ def test_results_keep_z0_shape_and_options_reach_torchdeq():
         il.solve(f, torch.zeros_like(x), solver="torchdeq.anderson", memory=3)
     with pytest.raises(ValueError, match="LBFGS_thres"):
         il.solve(f, torch.zeros_like(x), solver="torchdeq.broyden", LBFGS_thres=0)
+    # An object works wherever a name does, and a loop mechanic TorchDEQ's loop cannot honour is refused.
+    objects = il.solve(f, torch.zeros_like(x), solver=il_torchdeq.TorchDEQAnderson(m=3, lam=1e-12), tol=1e-10)
+    torch.testing.assert_close(objects.z, result.z)
+    with pytest.raises(ValueError, match="sync_every=1"):
+        il.solve(f, torch.zeros_like(x), solver="torchdeq.anderson", sync_every=4)
 
 
 def test_unconverged_solve_is_reported_as_such():

@@ -45,14 +45,15 @@ def test_page_examples_run(page: str, monkeypatch: pytest.MonkeyPatch, capsys: p
     assert blocks, f"{page} has no python example"
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))  # pages may add examples/imixer
-    registry = dict(il.solvers._REGISTRY)  # pages may register solvers
+    registry = dict(il.solvers.base._REGISTRY)  # pages may register solvers
     namespace: dict[str, object] = {"__name__": f"docs.{page}"}
     try:
         for index, block in enumerate(blocks):
-            exec(compile(block, f"{path}[block {index}]", "exec"), namespace)
+            # dont_inherit: the page runs as a user runs it, without this module's __future__ flags.
+            exec(compile(block, f"{path}[block {index}]", "exec", dont_inherit=True), namespace)
     finally:
-        il.solvers._REGISTRY.clear()
-        il.solvers._REGISTRY.update(registry)
+        il.solvers.base._REGISTRY.clear()
+        il.solvers.base._REGISTRY.update(registry)
     assert capsys.readouterr().out, f"{page}'s examples print nothing"
 
 

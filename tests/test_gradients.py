@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import statistics
 import weakref
 
 import pytest
@@ -93,7 +94,7 @@ def test_phantom_gradients_approach_the_ift_gradient(problem):
     assume(float(ift.norm()) > 1e-8)  # a relu cell can be dead on every input: no direction to compare
     cosines = []
     for steps in (1, 4, 16, 64):
-        phantom, _ = gradients(cell, x, cotangent, tol=1e-12, max_iter=300, backward="phantom", phantom_steps=steps)
+        phantom, _ = gradients(cell, x, cotangent, tol=1e-12, max_iter=300, backward=il.Phantom(steps=steps))
         cosines.append(float(torch.nn.functional.cosine_similarity(phantom, ift, dim=0)))
     assert cosines[-1] > 0.999
     assert cosines[-1] >= max(cosines) - 1e-9
@@ -105,8 +106,8 @@ def test_jfb_is_phantom_with_one_undamped_step():
     cell = Cell(6, "tanh", 0.7).double()
     x, cotangent = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
     jfb, _ = gradients(cell, x, cotangent, tol=1e-12, backward="jfb")
-    phantom, _ = gradients(cell, x, cotangent, tol=1e-12, backward="phantom", phantom_steps=1, phantom_damping=1.0)
-    damped, _ = gradients(cell, x, cotangent, tol=1e-12, backward="phantom", phantom_steps=1, phantom_damping=0.5)
+    phantom, _ = gradients(cell, x, cotangent, tol=1e-12, backward=il.Phantom(steps=1, damping=1.0))
+    damped, _ = gradients(cell, x, cotangent, tol=1e-12, backward=il.Phantom(steps=1, damping=0.5))
     torch.testing.assert_close(jfb, phantom)
     assert relative_error(damped, jfb) > 1e-3
 
@@ -182,7 +183,7 @@ def test_backward_non_convergence_follows_the_policy():
     torch.manual_seed(3)
     cell = Cell(6, "tanh", 0.8).double()  # float64: the forward must surely reach 1e-6
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    layer = il.ImplicitLayer(cell, tol=1e-6, max_iter=100, backward_max_iter=2, on_nonconvergence="raise")
+    layer = il.ImplicitLayer(cell, tol=1e-6, max_iter=100, backward=il.IFT(max_iter=2), on_nonconvergence="raise")
     z = layer(x)
     with pytest.raises(il.ConvergenceError, match="backward solve did not converge"):
         z.sum().backward()
@@ -209,9 +210,8 @@ def test_output_is_the_image_of_the_solvers_iterate(backward):
 
 def _layer(cell, mode):
     options = {"tol": 0.0, "max_iter": 300} if mode == "unrolled" else {"tol": 1e-12, "max_iter": 300}
-    if mode == "phantom":
-        options.update(phantom_steps=6, phantom_damping=0.8)
-    return il.ImplicitLayer(cell, backward=mode, **options).eval()
+    backward = il.Phantom(steps=6, damping=0.8) if mode == "phantom" else mode
+    return il.ImplicitLayer(cell, backward=backward, **options).eval()
 
 
 def _call(layer):
@@ -347,7 +347,7 @@ def test_unrolled_measures_residuals_free_of_overflow(stop_mode):
             return z + 1e13
 
     layer = il.ImplicitLayer(
-        Shift(), backward="unrolled", tol=1e-12, max_iter=3, z_init="input", stop_mode=stop_mode,
+        Shift(), backward="unrolled", budget=il.Budget(tol=1e-12, max_iter=3, stop_mode=stop_mode), z_init="input",
         on_nonconvergence="ignore",
     )  # fmt: skip
     z0 = torch.full((2, 4), 1e19)
@@ -360,7 +360,9 @@ def test_unrolled_measures_residuals_free_of_overflow(stop_mode):
 
 def test_unrolled_stops_no_sample_on_an_underflowed_residual():
     # At 1e-30 the squares of float32 entries underflow: a plain norm reads 0 ("converged" at z0).
-    layer = il.ImplicitLayer(lambda z, x: 0.5 * z + x, backward="unrolled", tol=1e-36, stop_mode="abs", max_iter=200)
+    layer = il.ImplicitLayer(
+        lambda z, x: 0.5 * z + x, backward="unrolled", budget=il.Budget(tol=1e-36, stop_mode="abs", max_iter=200)
+    )
     x = torch.full((2, 3), 1e-30)
     z = layer(x)
     torch.testing.assert_close(z / 1e-30, torch.full_like(z, 2.0), rtol=1e-5, atol=0)
@@ -371,27 +373,46 @@ def test_unrolled_stops_no_sample_on_an_underflowed_residual():
 @given(problem=problems(), solver=st.sampled_from(["anderson", "broyden"]))
 def test_shine_gradients_approach_the_ift_gradient_as_the_refinement_grows(problem, solver):
     cell, x, cotangent = problem
-    options = {"solver": solver, "tol": 1e-12, "max_iter": 300, "backward_tol": 1e-12}
-    ift, _ = gradients(cell, x, cotangent, **options)
+    options = {"solver": solver, "tol": 1e-12, "max_iter": 300}
+    ift, _ = gradients(cell, x, cotangent, **options, backward=il.IFT(tol=1e-12))
     assume(float(ift.norm()) > 1e-8)  # a dead relu cell has no direction to compare
     errors = []
     for refine in (0, 3, 200):
-        shine, _ = gradients(cell, x, cotangent, **options, backward="shine", shine_refine=refine)
+        shine, _ = gradients(cell, x, cotangent, **options, backward=il.Shine(refine=refine, tol=1e-12))
         errors.append(relative_error(shine, ift))
     assert errors[-1] <= 1e-8  # refined to the adjoint's tolerance: the IFT gradient
     assert errors[1] <= max(errors[0], 1e-9)  # refinement starts from the estimate and improves it
-    jfb, _ = gradients(cell, x, cotangent, **options, backward="jfb")
-    # The estimate is exact on the directions the solver explored; it should beat JFB, the
-    # estimate u = v, except where the solver took too few steps to explore anything.
-    assert errors[0] <= relative_error(jfb, ift) + 1e-9
+
+
+def test_the_shine_estimate_is_closer_to_the_ift_gradient_than_jfb_in_the_median():
+    # The estimate is exact on the directions the solver explored (exactly so on linear maps: see
+    # test_solvers); on a nonlinear map the secants sample the Jacobian along the trajectory, so
+    # one problem can come out worse than JFB's u = v (seen: 0.234 against 0.232), but over many
+    # problems it is far closer.
+    ratios = {"anderson": [], "broyden": []}
+    for seed in range(24):
+        torch.manual_seed(seed)
+        dim = 2 + seed % 6
+        cell = Cell(dim, ("tanh", "elu")[seed % 2], 0.5 + 0.02 * seed).double()
+        x, cotangent = torch.randn(3, dim, dtype=torch.float64), torch.randn(3, dim, dtype=torch.float64)
+        for solver in ratios:
+            options = {"solver": solver, "tol": 1e-10, "max_iter": 300}
+            ift, _ = gradients(cell, x, cotangent, **options, backward=il.IFT(tol=1e-12))
+            shine, _ = gradients(cell, x, cotangent, **options, backward="shine")
+            jfb, _ = gradients(cell, x, cotangent, **options, backward="jfb")
+            ratios[solver].append(relative_error(shine, ift) / relative_error(jfb, ift))
+    for solver, values in ratios.items():
+        assert statistics.median(values) < 0.6, solver  # measured: 0.46 (Anderson), 0.41 (Broyden)
 
 
 def test_shine_reports_its_refinement_and_does_not_evaluate_more_than_asked():
     torch.manual_seed(2)
     cell = Cell(6, "tanh", 0.7).double()
     x, cotangent = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    _, layer = gradients(cell, x, cotangent, tol=1e-10, backward="shine", backward_tol=1e-14, shine_refine=3)
+    _, layer = gradients(cell, x, cotangent, tol=1e-10, backward=il.Shine(refine=3, tol=1e-14))
     assert layer.backward_stats.nstep.tolist() == [3, 3, 3, 3]
+    # Running the 3 steps it was asked for is no failure: no warning, status budget.
+    assert set(layer.backward_stats.status.tolist()) <= {int(il.Status.converged), int(il.Status.budget)}
     _, layer = gradients(cell, x, cotangent, tol=1e-10, backward="shine")
     assert layer.backward_stats is None  # no refinement, no adjoint solve
 
@@ -413,16 +434,52 @@ def test_shine_is_first_order_only_and_says_so():
 
 def test_shine_needs_a_quasi_newton_solver_and_a_valid_refinement():
     cell = Cell(4, "tanh", 0.6)
-    with pytest.raises(ValueError, match="solver 'picard' keeps none"):
+    with pytest.raises(ValueError, match=r"Picard\(damping=1.0\) keeps none"):
         il.ImplicitLayer(cell, solver="picard", backward="shine")
-    with pytest.raises(ValueError, match="shine_refine must be an integer >= 0"):
-        il.ImplicitLayer(cell, backward="shine", shine_refine=-1)
     with pytest.raises(ValueError, match="refine must be an integer >= 0"):
-        il.shine_fixed_point(lambda z, x: torch.tanh(z) + x, torch.zeros(2, 3), torch.ones(2, 3), refine=1.5)
+        il.Shine(refine=-1)
+    with pytest.raises(ValueError, match="refine must be an integer >= 0"):
+        il.Shine(refine=1.5)
+    layer = il.ImplicitLayer(cell, backward="shine")
+    with pytest.raises(ValueError, match="keeps none"):  # a later assignment is checked too
+        layer.solver = il.Picard()
+    assert layer.solver == il.Anderson()
 
 
-def test_shine_fixed_point_with_a_solver_that_keeps_no_memory_raises():
+def test_the_primitive_with_shine_and_a_solver_that_keeps_no_memory_raises():
     f = lambda z, x: 0.5 * torch.tanh(z) + x  # noqa: E731
     x = torch.randn(2, 3, requires_grad=True)
-    with pytest.raises(ValueError, match="solver 'picard' keeps none"):
-        il.shine_fixed_point(f, torch.zeros(2, 3), x, forward=il.SolveConfig("picard"))
+    with pytest.raises(ValueError, match="keeps none"):
+        il.implicit_fixed_point(f, torch.zeros(2, 3), x, solver="picard", backward=il.Shine())
+
+
+@given(problem=problems(), solver=st.sampled_from(["anderson", "broyden"]))
+def test_a_warm_started_adjoint_gives_the_ift_gradient(problem, solver):
+    # IFT(start="estimate") starts the adjoint solve from the forward solver's estimate (SHINE's u)
+    # and still solves to tol: the gradient is the IFT's, wherever it starts. (Whether it saves
+    # iterations depends on the estimate: benchmarks/imixer_backward.py measures it on the iMixer.)
+    cell, x, cotangent = problem
+    options = {"solver": solver, "tol": 1e-12, "max_iter": 300}
+    cold, cold_layer = gradients(cell, x, cotangent, **options, backward=il.IFT(tol=1e-11))
+    warm, warm_layer = gradients(cell, x, cotangent, **options, backward=il.IFT(tol=1e-11, start="estimate"))
+    assume(float(cold.norm()) > 1e-8)
+    assert relative_error(warm, cold) <= 1e-8
+    assert bool(warm_layer.backward_stats.converged.all()) and bool(cold_layer.backward_stats.converged.all())
+
+
+def test_a_warm_started_adjoint_keeps_every_order_and_needs_memory():
+    torch.manual_seed(4)
+    cell = Cell(4, "tanh", 0.6).double()
+    layer = il.ImplicitLayer(cell, tol=1e-12, max_iter=200, backward=il.IFT(start="estimate")).eval()
+    reference = il.ImplicitLayer(cell, tol=1e-12, max_iter=200).eval()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    (warm,) = torch.autograd.grad(layer(x).sin().sum(), x, create_graph=True)
+    (cold,) = torch.autograd.grad(reference(x).sin().sum(), x, create_graph=True)
+    torch.testing.assert_close(warm, cold, rtol=1e-8, atol=1e-10)
+    hessian_warm = torch.autograd.grad(warm.sum(), x)[0]
+    hessian_cold = torch.autograd.grad(cold.sum(), x)[0]
+    torch.testing.assert_close(hessian_warm, hessian_cold, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="keeps none"):
+        il.ImplicitLayer(cell, solver="picard", backward=il.IFT(start="estimate"))
+    with pytest.raises(ValueError, match="start must be 'rhs' or 'estimate'"):
+        il.IFT(start="shine")

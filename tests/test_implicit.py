@@ -15,10 +15,9 @@ from hypothesis import strategies as st
 from torch.autograd import forward_ad
 
 import implicitlayers as il
-from implicitlayers.implicit_function import jacobian_free_fixed_point
 from tests.strategies import UNIT_ACTIVATIONS, relative_error
 
-TIGHT = il.SolveConfig(tol=1e-13, max_iter=300)
+TIGHT = il.Budget(tol=1e-13, max_iter=300)
 UNROLL = 300
 ACT = {"relu": torch.relu, "tanh": torch.tanh, "elu": torch.nn.functional.elu}
 
@@ -49,7 +48,7 @@ def solved(f):
 
     def z_star(x, w, u):
         z0 = torch.zeros_like(x)
-        return il.implicit_fixed_point(f, z0, x, w, u, per_sample=(True, False, False), forward=TIGHT, adjoint=TIGHT)
+        return il.implicit_fixed_point(f, z0, x, w, u, per_sample=(True, False, False), budget=TIGHT)
 
     return z_star
 
@@ -222,7 +221,7 @@ def test_captured_tensors_get_their_gradient(problem):
     def closure(z, x):  # w and u need no gradient here; `captured` does and is not an input
         return f(z, x, w, u) + 0.1 * torch.tanh(captured)
 
-    out = il.implicit_fixed_point(closure, torch.zeros_like(x), x, per_sample=(True,), forward=TIGHT, adjoint=TIGHT)
+    out = il.implicit_fixed_point(closure, torch.zeros_like(x), x, per_sample=(True,), budget=TIGHT)
     (ours,) = torch.autograd.grad(out.sin().sum(), captured)
     z = torch.zeros_like(x)
     for _ in range(UNROLL):
@@ -238,15 +237,15 @@ def test_captured_tensors_raise_for_what_a_hook_cannot_give():
     def closure(z, x):
         return f(z, x, w, u) + captured
 
-    out = il.implicit_fixed_point(closure, torch.zeros_like(x), x, per_sample=(True,), forward=TIGHT)
+    out = il.implicit_fixed_point(closure, torch.zeros_like(x), x, per_sample=(True,), budget=TIGHT)
     with pytest.raises(RuntimeError, match="higher-order derivatives"):
         torch.autograd.grad(out.sum(), captured, create_graph=True)
     with forward_ad.dual_level(), pytest.raises(RuntimeError, match="forward-mode derivatives"):
         dual = forward_ad.make_dual(captured.detach(), torch.ones(4, dtype=torch.float64))
-        il.implicit_fixed_point(lambda z, x: f(z, x, w, u) + dual, torch.zeros_like(x), x, forward=TIGHT)
+        il.implicit_fixed_point(lambda z, x: f(z, x, w, u) + dual, torch.zeros_like(x), x, budget=TIGHT)
 
     def transformed(c):
-        return il.implicit_fixed_point(lambda z, x: f(z, x, w, u) + c, torch.zeros_like(x), x, forward=TIGHT).sum()
+        return il.implicit_fixed_point(lambda z, x: f(z, x, w, u) + c, torch.zeros_like(x), x, budget=TIGHT).sum()
 
     with pytest.raises(RuntimeError, match="pass every tensor f uses as an explicit input"):
         torch.func.grad(transformed)(captured.detach())
@@ -328,10 +327,10 @@ def test_captured_constants_are_fine_under_every_transform():
 def test_a_map_independent_of_z_or_linear_in_it_differentiates():
     # Once "does not require grad" from a VJP of a constant.
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    out = il.implicit_fixed_point(lambda z, x: 2 * x, torch.zeros_like(x), x, per_sample=(True,), forward=TIGHT)
+    out = il.implicit_fixed_point(lambda z, x: 2 * x, torch.zeros_like(x), x, per_sample=(True,), budget=TIGHT)
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     torch.testing.assert_close(grad, torch.full_like(x, 2.0))
-    out = il.implicit_fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, per_sample=(True,), forward=TIGHT)
+    out = il.implicit_fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x), x, per_sample=(True,), budget=TIGHT)
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     torch.testing.assert_close(grad, torch.full_like(x, 2.0))  # (1 - 0.5)⁻¹
 
@@ -344,8 +343,8 @@ def test_jacobian_free_derivatives_hold_the_fixed_point_constant_in_every_mode()
     z = unrolled(f)(x, w, u).detach()
 
     def jfb(x):
-        return jacobian_free_fixed_point(
-            f, torch.zeros_like(x), x, w, u, per_sample=(True, False, False), forward=TIGHT
+        return il.implicit_fixed_point(
+            f, torch.zeros_like(x), x, w, u, per_sample=(True, False, False), budget=TIGHT, backward=il.JFB()
         )
 
     def one_step(x):
@@ -363,7 +362,7 @@ def test_solve_statistics_are_reported_for_every_solve():
     forward, backward = [], []
     xr = x.clone().requires_grad_()
     out = il.implicit_fixed_point(
-        f, torch.zeros_like(x), xr, w, u, forward=TIGHT, on_forward=forward.append, on_backward=backward.append
+        f, torch.zeros_like(x), xr, w, u, budget=TIGHT, on_forward=forward.append, on_backward=backward.append
     )
     out.sum().backward()
     assert len(forward) == 1 and len(backward) == 1
@@ -405,6 +404,13 @@ def test_arguments_are_checked(problem):
     with pytest.raises(ValueError, match="per_sample must have one flag per input"):
         il.implicit_fixed_point(f, torch.zeros_like(x), x, w, u, per_sample=(True,))
     with pytest.raises(ValueError, match="unknown solver"):
-        il.SolveConfig(solver="newton")
+        il.implicit_fixed_point(f, torch.zeros_like(x), x, w, u, solver="newton")
     with pytest.raises(ValueError, match="tol"):
-        il.SolveConfig(tol=-1.0)
+        il.Budget(tol=-1.0)
+    with pytest.raises(ValueError, match=r"backward must be an il\.Gradient or one of"):
+        il.implicit_fixed_point(f, torch.zeros_like(x), x, w, u, backward="exact")
+    # The earlier keywords name their new spelling.
+    with pytest.raises(TypeError, match=r"no longer takes forward=; use solver=\.\.\. and budget="):
+        il.implicit_fixed_point(f, torch.zeros_like(x), x, w, u, forward=None)
+    with pytest.raises(TypeError, match=r"no longer takes adjoint=; use backward=il.IFT"):
+        il.implicit_fixed_point(f, torch.zeros_like(x), x, w, u, adjoint=None)

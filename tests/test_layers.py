@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -246,17 +247,18 @@ def test_bf16_autocast_forward_and_backward():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"backward": "adjoint"}, "backward must be one of \\['ift', 'phantom', 'jfb', 'unrolled', 'shine'\\]"),
+        (
+            {"backward": "adjoint"},
+            r"backward must be an il.Gradient or one of \['ift', 'shine', 'jfb', 'phantom', 'unrolled'\]",
+        ),
         ({"activation": "swish"}, "activation must be one of"),
         ({"solver": "newton"}, "unknown solver 'newton'; available"),
         ({"max_iter": 0}, "max_iter"),
         ({"tol": -1e-3}, "tol"),
-        ({"stop_mode": "max"}, "stop_mode"),
         ({"z_init": "ones"}, "z_init must be"),
         ({"on_nonconvergence": "panic"}, "on_nonconvergence must be one of"),
-        ({"phantom_steps": 0}, "phantom_steps"),
-        ({"phantom_damping": 0.0}, "phantom_damping"),
-        ({"backward_solver": "newton"}, "unknown solver"),
+        ({"budget": {"max_iter": 3}}, "budget must be an il.Budget"),
+        ({"eval_budget": 3}, "eval_budget must be an il.Budget or None"),
     ],
 )
 def test_bad_layer_arguments_raise_value_errors(kwargs, message):
@@ -423,7 +425,7 @@ def test_compact_rows_gives_the_same_values_and_gradients_for_fewer_evaluations(
     results = {}
     for compact in (False, True):
         cell.rows_seen = 0
-        layer = il.ImplicitLayer(cell, tol=1e-11, max_iter=300, compact_rows=compact)
+        layer = il.ImplicitLayer(cell, budget=il.Budget(tol=1e-11, max_iter=300, compact_rows=compact))
         xr = x.clone().requires_grad_()
         out = layer(xr)
         grads = torch.autograd.grad(out.square().sum(), [xr, *cell.parameters()])
@@ -447,13 +449,15 @@ def test_compact_rows_refuses_variational_dropout_and_bad_values():
         def forward(self, z, x):
             return torch.tanh(self.drop(self.mix(z)) + x)
 
-    layer = il.ImplicitLayer(Cell(), compact_rows=True)
+    layer = il.ImplicitLayer(Cell(), budget=il.Budget(compact_rows=True))
     with pytest.raises(ValueError, match=r"compact_rows=True .* VariationalDropout"):
         layer(torch.randn(3, 4))
     layer.eval()
     assert layer(torch.randn(3, 4)).shape == (3, 4)  # dropout is the identity in eval mode
     with pytest.raises(ValueError, match="compact_rows must be True or False"):
-        il.ImplicitLayer(Cell(), compact_rows=1)
+        il.Budget(compact_rows=1)
+    with pytest.raises(ValueError, match="compact_rows=True needs sync_every=1"):
+        il.Budget(compact_rows=True, sync_every=4)
 
 
 # ------------------------------------------------------------------ transforms, devices, round trips
@@ -482,7 +486,7 @@ def test_layers_run_on_the_meta_device_with_real_shapes(backward):
     # Shape inference (models built on "meta", FLOP counters) runs through a solve: shapes and dtypes
     # are real, and nothing that needs a value is computed.
     with torch.device("meta"):
-        mlp = quiet(il.ImplicitMLP, 6, 12, backward=backward, phantom_steps=2)
+        mlp = quiet(il.ImplicitMLP, 6, 12, backward=il.Phantom(steps=2) if backward == "phantom" else backward)
         block = quiet(il.InvertibleResidual, il.spectral_norm(nn.Linear(6, 6)), backward=backward, solver="anderson")
         x = torch.randn(3, 5, 6, requires_grad=True)
     for mode in ("train", "eval"):
@@ -512,3 +516,90 @@ def test_inverse_of_forward_is_exact_in_training_mode_too(layer_kind):
         for parameter in layer.parameters():  # an optimizer step: the power iteration lags behind it
             parameter.add_(0.3 * torch.randn_like(parameter))
         torch.testing.assert_close(layer.inverse(layer(x)), x, rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------ settings as objects
+def test_every_earlier_flat_keyword_names_its_new_spelling():
+    spellings = {
+        "solver_options": "il.Anderson(memory=...)",
+        "stop_mode": "il.Budget(stop_mode=...)",
+        "compact_rows": "il.Budget(compact_rows=True)",
+        "sync_every": "il.Budget(sync_every=...)",
+        "eval_max_iter": "eval_budget=il.Budget",
+        "eval_tol": "eval_budget=il.Budget",
+        "backward_solver": "il.IFT(solver=...)",
+        "backward_max_iter": "il.IFT(max_iter=...)",
+        "backward_tol": "il.IFT(tol=...)",
+        "phantom_steps": "il.Phantom(steps=...)",
+        "phantom_damping": "il.Phantom(damping=...)",
+        "shine_refine": "il.Shine(refine=...)",
+    }
+    for name, spelling in spellings.items():
+        for build in (
+            lambda **kw: il.ImplicitLayer(_Contraction(), **kw),
+            lambda **kw: quiet(il.ImplicitMLP, 4, 8, **kw),
+        ):
+            with pytest.raises(TypeError, match=rf"no longer takes {name}=; use .*{re.escape(spelling)}"):
+                build(**{name: 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+        il.ImplicitLayer(_Contraction(), tolerance=1e-3)
+
+
+class _Contraction(nn.Module):
+    def forward(self, z, x):
+        return 0.5 * torch.tanh(z) + x
+
+
+def test_budgets_and_modes_follow_later_changes_and_nothing_is_stale():
+    # The eval budget and the adjoint's budget default to the forward budget, read at each forward:
+    # changing tol after construction moves all three, validated.
+    layer = il.ImplicitLayer(_Contraction(), tol=1e-3, max_iter=50).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    layer.tol = 1e-12
+    assert layer.budget == il.Budget(max_iter=50, tol=1e-12)
+    layer(x).sum().backward()
+    assert float(layer.stats.residual.max()) <= 1e-12 and float(layer.backward_stats.residual.max()) <= 1e-12
+    layer.eval()
+    layer(x)
+    assert layer.stats.budget.tol == 1e-12  # eval mode follows too, with no eval_budget set
+    layer.eval_budget = il.Budget(max_iter=2, tol=0.0)  # a fixed budget: nothing to warn of
+    layer(x)
+    assert (
+        layer.stats.budget.max_iter == 2
+        and set(layer.stats.status.tolist()) == {int(il.Status.budget)}
+        and int(layer.stats.nstep.max()) <= 2
+    )
+    with pytest.raises(ValueError, match="tol must be a finite number"):
+        layer.tol = -1.0
+    with pytest.raises(ValueError, match="max_iter must be an integer"):
+        layer.max_iter = 0
+    assert layer.budget == il.Budget(max_iter=50, tol=1e-12)  # a refused change leaves it as it was
+    layer.backward = il.Phantom(steps=3)
+    assert layer.backward == il.Phantom(steps=3)
+    layer.solver = "broyden"
+    assert layer.solver == il.Broyden()
+
+
+def test_settings_are_small_immutable_validated_objects():
+    import dataclasses
+
+    for obj, field in ((il.Anderson(), "memory"), (il.Budget(), "tol"), (il.IFT(), "tol"), (il.Phantom(), "steps")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, field, 3)
+    assert il.IFT(solver="broyden").solver == il.Broyden()  # a name is shorthand for the default object
+    assert il.as_gradient("phantom") == il.Phantom() and il.as_solver("anderson") == il.Anderson()
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        il.Phantom(steps=0)
+    with pytest.raises(ValueError, match="damping must be in"):
+        il.Phantom(damping=0.0)
+    with pytest.raises(ValueError, match="unknown solver"):
+        il.IFT(solver="newton")
+    with pytest.raises(ValueError, match="memory must be an integer >= 1"):
+        il.Anderson(memory=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        il.Broyden(method="third")
+    with pytest.raises(ValueError, match=r"options .* apply to a solver name"):
+        il.as_solver(il.Anderson(), memory=3)
+    assert il.Budget().replace(tol=1e-6) == il.Budget(tol=1e-6)
+    with pytest.raises(ValueError, match="Budget has no field"):
+        il.Budget().replace(tolerance=1e-6)

@@ -250,14 +250,17 @@ TRAINING = ROOT / "docs" / "assets" / "imixer_training"
 
 
 def library_defaults() -> dict[str, Any]:
-    """The iMixer's implicit defaults, read from the model file without importing torch."""
+    """The iMixer's implicit defaults (``IMixerSettings``'s field defaults), read without importing torch."""
     import ast
 
     tree = ast.parse((ROOT / "examples" / "imixer" / "imixer.py").read_text(encoding="utf-8"))
-    node = next(
-        n for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "IMPLICIT_DEFAULTS"
-    )
-    return ast.literal_eval(node.value)
+    settings = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "IMixerSettings")
+    fields = [n for n in settings.body if isinstance(n, ast.AnnAssign) and n.value is not None]
+    return {
+        n.target.id: ast.literal_eval(n.value)
+        for n in fields
+        if not ast.unparse(n.annotation).startswith("ClassVar") and n.target.id != "reference_iterations"
+    }
 
 
 def default_config(task: dict[str, Any]) -> str:

@@ -2,5 +2,5 @@
 
 Import it from the repository root::
 
-    from examples.deq.model import SolverSettings, build_classifier
+    from examples.deq.model import build_classifier
 """

@@ -33,33 +33,44 @@ __all__ = [
     "ImplicitDEQ",
     "ResidualCell",
     "SolveReport",
-    "SolverSettings",
     "TorchDEQ",
     "build_classifier",
+    "torchdeq_arguments",
 ]
 
 
-@dataclass(frozen=True)
-class SolverSettings:
-    """The solver budget shared by both equilibrium layers (TorchDEQ's names in brackets).
+SOLVER = il.Anderson(memory=6)
+"""The default solver of both layers: Anderson with TorchDEQ's history length (``m=6``)."""
+BUDGET = il.Budget(max_iter=30, tol=1e-3)
+"""The default forward budget of both layers (relative residual, as TorchDEQ's ``f_stop_mode="rel"``)."""
+BACKWARD = il.IFT(max_iter=30, tol=1e-3)
+"""The default gradient of both layers: the IFT with its own adjoint budget."""
 
-    Attributes:
-        solver: Forward and adjoint solver, ``"anderson"`` or ``"broyden"`` [``f_solver``, ``b_solver``].
-        max_iter: Evaluations of f per training forward [``f_max_iter``].
-        tol: Relative residual at which a solve stops [``f_tol``; ``f_stop_mode="rel"``].
-        eval_max_iter: Evaluations of f per evaluation-mode forward [``eval_f_max_iter``].
-        backward_max_iter: Iterations of the IFT adjoint solve [``b_max_iter``].
-        backward_tol: Relative residual at which the adjoint solve stops [``b_tol``].
-        memory: Anderson's history length (TorchDEQ's default, 6) [``m``].
+
+def torchdeq_arguments(
+    solver: il.Solver, budget: il.Budget, eval_budget: il.Budget | None, backward: il.IFT
+) -> tuple[dict[str, object], dict[str, object]]:
+    """TorchDEQ's ``get_deq`` arguments and ``solver_kwargs`` for the same solver, budgets and IFT.
+
+    Raises:
+        ValueError: For a solver or gradient mode TorchDEQ has no twin of.
     """
-
-    solver: str = "anderson"
-    max_iter: int = 30
-    tol: float = 1e-3
-    eval_max_iter: int = 30
-    backward_max_iter: int = 30
-    backward_tol: float = 1e-3
-    memory: int = 6
+    names = {il.Anderson: "anderson", il.Broyden: "broyden", il.Picard: "fixed_point_iter"}
+    if type(solver) not in names or not isinstance(backward, il.IFT):
+        raise ValueError(f"TorchDEQ's get_deq has no twin of solver={solver!r} with backward={backward!r}")
+    name = names[type(solver)]
+    deq = {
+        "f_solver": name,
+        "f_max_iter": budget.max_iter,
+        "f_tol": budget.tol,
+        "f_stop_mode": budget.stop_mode,
+        "eval_f_max_iter": (eval_budget or budget).max_iter,
+        "b_solver": name,
+        "b_max_iter": backward.max_iter or budget.max_iter,
+        "b_tol": budget.tol if backward.tol is None else backward.tol,
+        "b_stop_mode": budget.stop_mode,
+    }
+    return deq, ({"m": solver.memory} if name == "anderson" else {})
 
 
 @dataclass
@@ -117,23 +128,28 @@ class ImplicitDEQ(nn.Module):
 
     Args:
         cell: The map f(z, x).
-        settings: Solver and budgets.
+        solver, budget, eval_budget, backward: The layer's solver, budgets and gradient mode.
         jacobian_penalty: Hutchinson vectors of the Jacobian penalty per training forward (0: none);
             the penalty is then ``jacobian_loss``, for the caller to add to its loss.
     """
 
-    def __init__(self, cell: ResidualCell, settings: SolverSettings, jacobian_penalty: int = 0) -> None:
+    def __init__(
+        self,
+        cell: ResidualCell,
+        *,
+        solver: il.Solver = SOLVER,
+        budget: il.Budget = BUDGET,
+        eval_budget: il.Budget | None = None,
+        backward: il.IFT = BACKWARD,
+        jacobian_penalty: int = 0,
+    ) -> None:
         super().__init__()
-        self.settings = settings
         self.layer = il.ImplicitLayer(
             cell,
-            solver=settings.solver,
-            max_iter=settings.max_iter,
-            tol=settings.tol,
-            eval_max_iter=settings.eval_max_iter,
-            backward_max_iter=settings.backward_max_iter,
-            backward_tol=settings.backward_tol,
-            solver_options={"memory": settings.memory} if settings.solver == "anderson" else None,
+            solver=solver,
+            budget=budget,
+            eval_budget=eval_budget,
+            backward=backward,
             jacobian_penalty=jacobian_penalty,
             # The training loop records convergence per sample itself (SolveReport.converged).
             on_nonconvergence="ignore",
@@ -154,17 +170,17 @@ class ImplicitDEQ(nn.Module):
 
     def forward_report(self) -> SolveReport:
         """The last forward solve."""
-        stats = self.layer.stats
-        if stats is None:
-            raise RuntimeError("no forward yet")
-        return SolveReport(stats.nstep.clone(), stats.residual.clone(), self.settings.tol)
+        return self._report(self.layer.stats, "forward")
 
     def backward_report(self) -> SolveReport | None:
         """The last IFT adjoint solve (None before the first backward)."""
-        stats = self.layer.backward_stats
+        return None if self.layer.backward_stats is None else self._report(self.layer.backward_stats, "backward")
+
+    @staticmethod
+    def _report(stats: il.SolverResult | None, direction: str) -> SolveReport:
         if stats is None:
-            return None
-        return SolveReport(stats.nstep.clone(), stats.residual.clone(), self.settings.backward_tol)
+            raise RuntimeError(f"no {direction} solve yet")
+        return SolveReport(stats.nstep.clone(), stats.residual.clone(), stats.budget.tol)
 
 
 class TorchDEQ(nn.Module):
@@ -177,31 +193,30 @@ class TorchDEQ(nn.Module):
 
     Args:
         cell: The map f(z, x).
-        settings: Solver and budgets.
+        solver, budget, eval_budget, backward: The same objects as :class:`ImplicitDEQ`'s, translated by
+            :func:`torchdeq_arguments`.
 
     Raises:
         ImportError: If ``torchdeq`` is not installed.
+        ValueError: For a solver or gradient mode TorchDEQ has no twin of.
     """
 
-    def __init__(self, cell: ResidualCell, settings: SolverSettings) -> None:
+    def __init__(
+        self,
+        cell: ResidualCell,
+        *,
+        solver: il.Solver = SOLVER,
+        budget: il.Budget = BUDGET,
+        eval_budget: il.Budget | None = None,
+        backward: il.IFT = BACKWARD,
+    ) -> None:
         super().__init__()
+        deq_arguments, self.solver_kwargs = torchdeq_arguments(solver, budget, eval_budget, backward)
         from torchdeq import get_deq  # optional dependency: only this class needs it
 
-        self.settings = settings
+        self.tols = {"forward": deq_arguments["f_tol"], "backward": deq_arguments["b_tol"]}
         self.cell_module = cell
-        self.deq = get_deq(
-            core="sliced",
-            ift=True,
-            f_solver=settings.solver,
-            f_max_iter=settings.max_iter,
-            f_tol=settings.tol,
-            f_stop_mode="rel",
-            eval_f_max_iter=settings.eval_max_iter,
-            b_solver=settings.solver,
-            b_max_iter=settings.backward_max_iter,
-            b_tol=settings.backward_tol,
-            b_stop_mode="rel",
-        )
+        self.deq = get_deq(core="sliced", ift=True, **deq_arguments)
         self._forward_info: dict[str, Tensor] | None = None
         self._backward_info: dict[str, Tensor] | None = None
 
@@ -219,11 +234,10 @@ class TorchDEQ(nn.Module):
         for module in self.cell_module.modules():
             if isinstance(module, il.VariationalDropout):
                 module.reset_mask()
-        options = {"m": self.settings.memory} if self.settings.solver == "anderson" else {}
         z_out, info = self.deq(
             lambda z: self.cell_module(z, x),
             torch.zeros_like(x),
-            solver_kwargs=options,
+            solver_kwargs=self.solver_kwargs,
             backward_writer=self._record_backward,
         )
         self._forward_info = {key: value.detach() for key, value in info.items()}
@@ -240,13 +254,13 @@ class TorchDEQ(nn.Module):
         """The last forward solve."""
         if self._forward_info is None:
             raise RuntimeError("no forward yet")
-        return self._report(self._forward_info, self.settings.tol)
+        return self._report(self._forward_info, self.tols["forward"])
 
     def backward_report(self) -> SolveReport | None:
         """The last IFT adjoint solve (None before the first backward)."""
         if self._backward_info is None:
             return None
-        return self._report(self._backward_info, self.settings.backward_tol)
+        return self._report(self._backward_info, self.tols["backward"])
 
 
 class DEQClassifier(nn.Module):
@@ -285,8 +299,11 @@ class DEQClassifier(nn.Module):
 def build_classifier(
     backend: str,
     channels: int,
-    settings: SolverSettings,
     *,
+    solver: il.Solver = SOLVER,
+    budget: il.Budget = BUDGET,
+    eval_budget: il.Budget | None = None,
+    backward: il.IFT = BACKWARD,
     groups: int = 4,
     dropout: float = 0.1,
     jacobian_penalty: int = 0,
@@ -296,7 +313,7 @@ def build_classifier(
     Args:
         backend: ``"implicitlayers"`` or ``"torchdeq"``.
         channels: Width of the stem and the cell.
-        settings: Solver and budgets.
+        solver, budget, eval_budget, backward: The equilibrium layer's solver, budgets and gradient.
         groups: GroupNorm groups (must divide ``channels``).
         dropout: Variational-dropout probability in the cell.
         jacobian_penalty: Hutchinson vectors of the Jacobian penalty (``"implicitlayers"`` only).
@@ -309,12 +326,13 @@ def build_classifier(
         ImportError: For ``"torchdeq"`` without torchdeq installed.
     """
     cell = ResidualCell(channels, groups, dropout)
+    settings = {"solver": solver, "budget": budget, "eval_budget": eval_budget, "backward": backward}
     if backend == "implicitlayers":
-        equilibrium: ImplicitDEQ | TorchDEQ = ImplicitDEQ(cell, settings, jacobian_penalty)
+        equilibrium: ImplicitDEQ | TorchDEQ = ImplicitDEQ(cell, **settings, jacobian_penalty=jacobian_penalty)
     elif backend == "torchdeq":
         if jacobian_penalty:
             raise ValueError("the TorchDEQ comparison runs without the Jacobian penalty")
-        equilibrium = TorchDEQ(cell, settings)
+        equilibrium = TorchDEQ(cell, **settings)
     else:
         raise ValueError(f"backend must be 'implicitlayers' or 'torchdeq', got {backend!r}")
     return DEQClassifier(equilibrium, channels, groups)

@@ -17,7 +17,7 @@ solver (Anderson), budgets and epochs:
 Per epoch it records the training loss, the validation accuracy (mean over the validation split),
 the solver's forward steps (mean and max over samples, training and validation), the adjoint solve's
 steps, the fraction of unconverged samples, and the wall and CPU time; at the end, on the
-validation fixed points, the Jacobian penalty and a power-iteration estimate of the spectral radius
+validation fixed points, the Jacobian penalty and an Arnoldi estimate of the spectral radius
 ρ(J_f(z*)), measured alike for the three models with :func:`implicitlayers.jacobian_penalty` and
 :func:`implicitlayers.spectral_radius`.
 
@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: import the package from the re
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import implicitlayers as il
-from examples.deq.model import DEQClassifier, SolveReport, SolverSettings, build_classifier
+from examples.deq.model import DEQClassifier, SolveReport, build_classifier
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -224,11 +224,11 @@ def measure_jacobian(model: DEQClassifier, images: Tensor, seed: int) -> dict[st
     Args:
         model: The trained classifier.
         images: Validation images.
-        seed: Seed of the Hutchinson and power-iteration vectors.
+        seed: Seed of the Hutchinson vectors and the Arnoldi start vectors.
 
     Returns:
         ``jacobian_penalty`` (mean over samples, 8 Hutchinson vectors each) and ``spectral_radius_mean`` /
-        ``spectral_radius_max`` (30 power-iteration steps per sample).
+        ``spectral_radius_max`` (30 Arnoldi steps per sample).
     """
     model.eval()
     with torch.no_grad():
@@ -254,19 +254,18 @@ def train_run(spec: RunSpec, digits: Digits, args: argparse.Namespace) -> dict[s
     Every run starts from the same weights (the seed is reset before the model is built, and the
     backends consume no random numbers at construction) and sees the batches in the same order.
     """
-    settings = SolverSettings(
-        solver=args.solver,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        eval_max_iter=args.eval_max_iter,
-        backward_max_iter=args.backward_max_iter,
-        backward_tol=args.tol,
-    )
+    budget = il.Budget(max_iter=args.max_iter, tol=args.tol)
+    settings = {
+        "solver": il.Anderson(memory=6) if args.solver == "anderson" else il.as_solver(args.solver),
+        "budget": budget,
+        "eval_budget": budget.replace(max_iter=args.eval_max_iter),
+        "backward": il.IFT(max_iter=args.backward_max_iter, tol=args.tol),
+    }
     torch.manual_seed(args.seed)
     model = build_classifier(
         spec.backend,
         args.channels,
-        settings,
+        **settings,
         groups=GROUPS,
         dropout=args.dropout,
         jacobian_penalty=1 if spec.gamma else 0,

@@ -42,10 +42,12 @@ for the iMixers, which raises :data:`TORCHSCRIPT_UNSUPPORTED`; each solve is one
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import DropPath, Mlp, register_notrace_function, to_2tuple
@@ -57,49 +59,24 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import implicitlayers as il
+from implicitlayers.implicit import check_compatible
+from implicitlayers.layers.invertible import make_activation
+from implicitlayers.lipschitz import check_spectral_norm_settings
 
 __all__ = [
     "TORCHSCRIPT_UNSUPPORTED",
     "IMixer",
     "IMixerBlock",
+    "IMixerSettings",
     "IMlp",
     "convert_reference_state_dict",
-    "implicit_settings",
     "solve_token_mixer",
 ]
 
 LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
-# The implicit options a create_model call (or train.py) may override, with the solved-mode defaults.
-IMPLICIT_DEFAULTS: dict[str, Any] = {
-    "hidden_ratio": 2.0,
-    "coeff": 0.9,
-    "n_power_iterations": 1,
-    "solver": "anderson",
-    "backward": "shine",
-    "max_iter": 30,
-    "tol": 1e-2,
-    "z_init": "input",
-    "phantom_steps": 1,
-    # Levers beyond the paper (see benchmarks/imixer_training.py): F's activation ("lipswish"
-    # certifies Lip(F) <= coeff² · 0.9998 < 1, where the paper's GELU gives ≈ 1.03), SHINE's refinement
-    # steps (backward="shine"), and evaluating only the rows still iterating.
-    "activation": "lipswish",
-    "shine_refine": 0,
-    "compact_rows": False,
-    # The adjoint solve's and the eval forward's budgets (None: the forward's), the Jacobian penalty's
-    # Hutchinson samples per training forward (0: none; see IMixer.jacobian_loss), and the solver's
-    # evaluations per host synchronisation (capture-friendly chunks on a GPU; see implicitlayers.iterate).
-    "backward_solver": None,
-    "backward_max_iter": None,
-    "backward_tol": None,
-    "eval_max_iter": None,
-    "eval_tol": None,
-    "jacobian_penalty": 0,
-    "sync_every": 1,
-}
 # What the reference code hard-codes: it iterates z_{k+1} = x + F(z_k) a fixed number of times.
-REFERENCE_SETTINGS: dict[str, Any] = {
+REFERENCE_COMPUTATION: dict[str, Any] = {
     "solver": "picard",
     "backward": "unrolled",
     "tol": 0.0,
@@ -110,31 +87,149 @@ REFERENCE_SETTINGS: dict[str, Any] = {
 }
 
 
-def implicit_settings(reference_iterations: int | None = None, **overrides: Any) -> dict[str, Any]:
-    """The token mixers' implicit options: defaults, then ``overrides``, then reference mode.
+@dataclass(frozen=True)
+class IMixerSettings:
+    """The token mixers' implicit settings: one flat, validated, JSON-serialisable record.
 
-    Args:
-        reference_iterations: If given, the reference implementation's fixed iteration count n; it
-            overrides solver, backward, tol, coeff, n_power_iterations, z_init and activation (and sets
-            max_iter = n).
-        **overrides: Any key of :data:`IMPLICIT_DEFAULTS`; ``None`` values keep the default.
+    ``create_model`` accepts every field as a keyword, ``train.py`` derives its flags from them, and
+    checkpoints store them (:meth:`to_dict`). :meth:`layer_options` turns them into the library's
+    objects (:class:`~implicitlayers.Solver`, :class:`~implicitlayers.Budget`,
+    :class:`~implicitlayers.Gradient`). The structural fields (:attr:`STRUCTURAL`) change the function
+    the network computes; the others only how it is solved.
 
-    Returns:
-        A complete dict of :data:`IMPLICIT_DEFAULTS` keys plus ``reference_iterations``.
+    Attributes:
+        hidden_ratio: H / T, the width of F's hidden layer relative to T.
+        coeff: Spectral-norm bound of F's linear layers.
+        n_power_iterations: Power-iteration steps per training forward.
+        activation: F's activation (``"gelu"``, the paper's; ``"lipswish"`` certifies a contraction).
+        reference_iterations: n for the reference computation (exactly n Picard steps, differentiated
+            through; 0 skips the implicit layer, giving the vanilla token MLP); None solves to ``tol``.
+        solver: Forward solver name.
+        max_iter: Iteration cap of each solve.
+        tol: Relative residual tolerance of each solve.
+        z_init: ``"input"`` (start from fc1(x), as the reference) or ``"zeros"``.
+        backward: Gradient mode name (``"ift"``, ``"shine"``, ``"jfb"``, ``"phantom"``, ``"unrolled"``).
+        phantom_steps: Steps of ``backward="phantom"``.
+        shine_refine: Refinement steps of ``backward="shine"``.
+        compact_rows: Evaluate F only on the rows still iterating once at most half are.
+        backward_solver: Solver of the adjoint equation (None: ``solver``).
+        backward_max_iter: Iteration cap of the adjoint solve (None: ``max_iter``).
+        backward_tol: Tolerance of the adjoint solve (None: ``tol``).
+        backward_start: Where the IFT's adjoint solve starts: ``"rhs"`` (the incoming gradient) or
+            ``"estimate"`` (the forward solver's estimate of the adjoint; still solved to tolerance).
+        eval_max_iter: Iteration cap in eval mode (None: ``max_iter``).
+        eval_tol: Tolerance in eval mode (None: ``tol``).
+        jacobian_penalty: Hutchinson samples of ‖J_F(z*)‖²_F / T per training forward (0: none).
+        sync_every: Solver evaluations per host synchronisation.
     """
-    unknown = sorted(set(overrides) - set(IMPLICIT_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown implicit option(s) {unknown}; known: {sorted(IMPLICIT_DEFAULTS)}")
-    settings = dict(IMPLICIT_DEFAULTS)
-    settings.update({key: value for key, value in overrides.items() if value is not None})
-    if reference_iterations is not None:
-        if isinstance(reference_iterations, bool) or not isinstance(reference_iterations, int):
-            raise ValueError(f"reference_iterations must be an integer >= 0, got {reference_iterations!r}")
-        if reference_iterations < 0:
-            raise ValueError(f"reference_iterations must be an integer >= 0, got {reference_iterations!r}")
-        settings.update(REFERENCE_SETTINGS, max_iter=max(reference_iterations, 1))
-    settings["reference_iterations"] = reference_iterations
-    return settings
+
+    hidden_ratio: float = 2.0
+    coeff: float = 0.9
+    n_power_iterations: int = 1
+    activation: str = "lipswish"
+    reference_iterations: int | None = None
+    solver: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-2
+    z_init: str = "input"
+    backward: str = "shine"
+    phantom_steps: int = 1
+    shine_refine: int = 0
+    compact_rows: bool = False
+    backward_solver: str | None = None
+    backward_max_iter: int | None = None
+    backward_tol: float | None = None
+    backward_start: str = "rhs"
+    eval_max_iter: int | None = None
+    eval_tol: float | None = None
+    jacobian_penalty: int = 0
+    sync_every: int = 1
+
+    STRUCTURAL: ClassVar[tuple[str, ...]] = ("reference_iterations", "hidden_ratio", "coeff", "activation")
+
+    def __post_init__(self) -> None:
+        n = self.reference_iterations
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"reference_iterations must be an integer >= 0, got {n!r}")
+        if (
+            isinstance(self.hidden_ratio, bool)
+            or not isinstance(self.hidden_ratio, (int, float))
+            or self.hidden_ratio <= 0
+        ):
+            raise ValueError(f"hidden_ratio must be a number > 0, got {self.hidden_ratio!r}")
+        make_activation(self.activation)
+        check_spectral_norm_settings(self.coeff, self.n_power_iterations)
+        options = self.layer_options()  # builds, hence validates, the solver, budgets and gradient mode
+        check_compatible(il.as_solver(options["solver"]), options["backward"])
+
+    @classmethod
+    def build(cls, reference_iterations: int | None = None, **overrides: Any) -> IMixerSettings:
+        """The defaults, then ``overrides`` (``None`` keeps a default), then the reference computation.
+
+        Args:
+            reference_iterations: If given, the reference implementation's fixed iteration count n; it
+                overrides solver, backward, tol, coeff, n_power_iterations, z_init and activation (and
+                sets max_iter = n).
+            **overrides: Any field; ``None`` values keep the default.
+
+        Raises:
+            ValueError: For an unknown field or an invalid value, naming it.
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"unknown implicit option(s) {unknown}; known: {sorted(known)}")
+        values = {key: value for key, value in overrides.items() if value is not None}
+        if reference_iterations is not None:
+            if isinstance(reference_iterations, bool) or not isinstance(reference_iterations, int):
+                raise ValueError(f"reference_iterations must be an integer >= 0, got {reference_iterations!r}")
+            values.update(REFERENCE_COMPUTATION, max_iter=max(reference_iterations, 1))
+        return cls(**values, reference_iterations=reference_iterations)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> IMixerSettings:
+        """Settings recorded by :meth:`to_dict` (or by an earlier version, whose keys are the same)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-serialisable."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> IMixerSettings:
+        """A copy with ``changes``, validated."""
+        return dataclasses.replace(self, **changes)
+
+    def gradient(self) -> il.Gradient:
+        """The gradient mode as the library's object."""
+        if self.backward == "ift":
+            return il.IFT(self.backward_solver, self.backward_max_iter, self.backward_tol, self.backward_start)
+        if self.backward == "shine":
+            return il.Shine(self.shine_refine, self.backward_solver, self.backward_tol)
+        if self.backward == "phantom":
+            return il.Phantom(steps=self.phantom_steps)
+        return il.as_gradient(self.backward)
+
+    def layer_options(self) -> dict[str, Any]:
+        """The :class:`~implicitlayers.ImplicitMLP` keyword arguments these settings mean."""
+        budget = il.Budget(self.max_iter, self.tol, sync_every=self.sync_every, compact_rows=self.compact_rows)
+        eval_budget = None
+        if self.eval_max_iter is not None or self.eval_tol is not None:
+            eval_budget = budget.replace(
+                max_iter=self.max_iter if self.eval_max_iter is None else self.eval_max_iter,
+                tol=self.tol if self.eval_tol is None else self.eval_tol,
+            )
+        return {
+            "coeff": self.coeff,
+            "n_power_iterations": self.n_power_iterations,
+            "activation": self.activation,
+            "solver": self.solver,
+            "budget": budget,
+            "eval_budget": eval_budget,
+            "backward": self.gradient(),
+            "z_init": self.z_init,
+            "jacobian_penalty": self.jacobian_penalty,
+        }
 
 
 TORCHSCRIPT_UNSUPPORTED = (
@@ -162,7 +257,7 @@ def solve_token_mixer(implicit: il.ImplicitMLP, x: Tensor, own_precision: bool =
         implicit: The token mixer's :class:`implicitlayers.ImplicitMLP`.
         x: Its input, ``(B, C, T)``.
         own_precision: Solve with autocast off, in the dtype of the layer's weights (solved mode).
-            A bf16 evaluation of F is only good to ~4e-3 relative, above the default tol 1e-3, so
+            A bf16 evaluation of F is only good to ~4e-3 relative, about a tolerance's size, so
             under AMP a solve to a tolerance would never converge: it runs in float32 under AMP
             (float64 or bf16 for such a model). ``False`` (the reference loop) keeps the caller's
             autocast state and dtype, as the reference implementation ran it.
@@ -189,11 +284,7 @@ class IMlp(nn.Module):
         hidden_features: T, the width of the implicit layer.
         act_layer: Activation after the implicit layer (GELU in the paper).
         drop: Dropout after the activation and after fc2.
-        hidden_ratio: H / T, the width of F's hidden layer relative to T.
-        reference_iterations: n for the reference computation (0 skips the implicit layer, giving the
-            vanilla token MLP); ``None`` solves to ``tol``.
-        **implicit: The other keys of :data:`IMPLICIT_DEFAULTS` (``sync_every`` becomes the solver
-            option of that name).
+        settings: The implicit settings (:class:`IMixerSettings`; default: its defaults).
 
     Shapes:
         x: ``(B, C, N)``; output: the same.
@@ -206,29 +297,25 @@ class IMlp(nn.Module):
         *,
         act_layer: type[nn.Module] = nn.GELU,
         drop: float = 0.0,
-        hidden_ratio: float = 2.0,
-        reference_iterations: int | None = None,
+        settings: IMixerSettings | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **implicit: Any,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.reference_iterations = reference_iterations
+        settings = settings or IMixerSettings()
+        self.reference_iterations = settings.reference_iterations
         self.fc1 = nn.Linear(in_features, hidden_features, **dd)
         # coeff 0.9 with GELU is the paper's choice and is not a certified contraction (bound ≈ 1.03);
         # ImplicitMLP warns about that once per layer. The solver statistics (solver_stats) are the
         # honest measure of convergence here, so the per-layer construction warning is silenced.
-        sync_every = implicit.pop("sync_every", 1)
-        if sync_every != 1:
-            implicit["solver_options"] = {**implicit.get("solver_options", {}), "sync_every": sync_every}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", il.LipschitzWarning)
             self.implicit = il.ImplicitMLP(
                 hidden_features,
-                int(hidden_features * hidden_ratio),
+                int(hidden_features * settings.hidden_ratio),
                 pre_activation=True,
-                **{"activation": "gelu", **implicit},
+                **settings.layer_options(),
             ).to(**dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
@@ -249,7 +336,7 @@ class IMixerBlock(nn.Module):
     """Residual block: x + DropPath(IMlp(LN(x)ᵀ)ᵀ), then x + DropPath(Mlp(LN(x))).
 
     The signature matches timm's ``MixerBlock`` so :class:`timm.models.mlp_mixer.MlpMixer` builds it;
-    ``implicit`` carries the token mixers' options (see :class:`IMlp`).
+    ``settings`` carries the token mixers' implicit settings (:class:`IMixerSettings`).
 
     Shapes:
         x: ``(B, N, C)``; output: the same.
@@ -267,13 +354,13 @@ class IMixerBlock(nn.Module):
         drop_path: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        implicit: dict[str, Any] | None = None,
+        settings: IMixerSettings | None = None,
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         tokens_dim, channels_dim = (int(ratio * dim) for ratio in to_2tuple(mlp_ratio))
         self.norm1 = norm_layer(dim, **dd)
-        self.mlp_tokens = IMlp(seq_len, tokens_dim, act_layer=act_layer, drop=drop, **(implicit or {}), **dd)
+        self.mlp_tokens = IMlp(seq_len, tokens_dim, act_layer=act_layer, drop=drop, settings=settings, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp_channels = mlp_layer(dim, channels_dim, act_layer=act_layer, drop=drop, **dd)
@@ -292,83 +379,28 @@ class IMixer(MlpMixer):
     group_matcher, set_grad_checkpointing, forward_intermediates).
 
     Args:
-        hidden_ratio: H / T of the implicit layers.
-        coeff: Spectral-norm bound of F's linear layers.
-        n_power_iterations: Power-iteration steps per training forward.
-        solver: Forward solver (``"anderson"``, ``"broyden"``, ``"picard"``).
-        backward: ``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"`` or ``"shine"``.
-        max_iter: Iteration cap of each solve.
-        tol: Relative residual tolerance of each solve.
-        z_init: ``"input"`` (start from fc1(x), as the reference) or ``"zeros"``.
-        phantom_steps: Steps of the phantom gradient.
-        activation: F's activation (``"gelu"``, the paper's; ``"lipswish"`` certifies a contraction).
-        shine_refine: Refinement steps of ``backward="shine"``.
-        compact_rows: Evaluate F only on the rows still iterating once at most half are.
-        backward_solver: Solver of the adjoint equation (``backward="ift"``/``"shine"``; default: ``solver``).
-        backward_max_iter: Iteration cap of the adjoint solve (default: ``max_iter``).
-        backward_tol: Tolerance of the adjoint solve (default: ``tol``).
-        eval_max_iter: Iteration cap in eval mode (default: ``max_iter``).
-        eval_tol: Tolerance in eval mode (default: ``tol``).
-        jacobian_penalty: Hutchinson samples of ‖J_F(z*)‖²_F / T per training forward (Bai et al., 2021);
-            add ``weight * model.jacobian_loss()`` to the loss. 0 computes nothing.
-        sync_every: Solver evaluations per host synchronisation (1: every one; more lets CUDA graphs /
-            ``torch.compile`` capture chunks of the loop).
-        reference_iterations: Run the reference computation with this many iterations (see module doc).
-        **kwargs: :class:`MlpMixer` arguments.
+        reference_iterations: Run the reference computation with this many iterations (see the module
+            docstring); None solves to ``tol``.
+        **kwargs: Any field of :class:`IMixerSettings` (``solver``, ``tol``, ``backward``, ...; None
+            keeps its default), and the :class:`MlpMixer` arguments.
+
+    Attributes:
+        settings: The :class:`IMixerSettings` the token mixers were built with.
 
     Shapes:
         x: ``(B, in_chans, img_size, img_size)``; output: ``(B, num_classes)``.
     """
 
-    def __init__(
-        self,
-        *,
-        hidden_ratio: float | None = None,
-        coeff: float | None = None,
-        n_power_iterations: int | None = None,
-        solver: str | None = None,
-        backward: str | None = None,
-        max_iter: int | None = None,
-        tol: float | None = None,
-        z_init: str | None = None,
-        phantom_steps: int | None = None,
-        activation: str | None = None,
-        shine_refine: int | None = None,
-        compact_rows: bool | None = None,
-        backward_solver: str | None = None,
-        backward_max_iter: int | None = None,
-        backward_tol: float | None = None,
-        eval_max_iter: int | None = None,
-        eval_tol: float | None = None,
-        jacobian_penalty: int | None = None,
-        sync_every: int | None = None,
-        reference_iterations: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        implicit = implicit_settings(
-            reference_iterations,
-            hidden_ratio=hidden_ratio,
-            coeff=coeff,
-            n_power_iterations=n_power_iterations,
-            solver=solver,
-            backward=backward,
-            max_iter=max_iter,
-            tol=tol,
-            z_init=z_init,
-            phantom_steps=phantom_steps,
-            activation=activation,
-            shine_refine=shine_refine,
-            compact_rows=compact_rows,
-            backward_solver=backward_solver,
-            backward_max_iter=backward_max_iter,
-            backward_tol=backward_tol,
-            eval_max_iter=eval_max_iter,
-            eval_tol=eval_tol,
-            jacobian_penalty=jacobian_penalty,
-            sync_every=sync_every,
-        )
-        self.implicit_settings = implicit
-        super().__init__(block_layer=partial(IMixerBlock, implicit=implicit), **kwargs)
+    def __init__(self, *, reference_iterations: int | None = None, **kwargs: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(IMixerSettings)}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in fields}
+        self.settings = IMixerSettings.build(reference_iterations, **overrides)
+        super().__init__(block_layer=partial(IMixerBlock, settings=self.settings), **kwargs)
+
+    @property
+    def implicit_settings(self) -> dict[str, Any]:
+        """The settings as a plain dict (:meth:`IMixerSettings.to_dict`), as checkpoints store them."""
+        return self.settings.to_dict()
 
     def __prepare_scriptable__(self) -> IMixer:
         """Refuses ``torch.jit.script`` with the reason and the alternatives (see :data:`TORCHSCRIPT_UNSUPPORTED`).
@@ -416,8 +448,6 @@ class IMixer(MlpMixer):
         stats = []
         for layer in self.implicit_layers():
             summary = layer.stats.summary() if layer.stats is not None else {}
-            if summary and layer.tol == 0:
-                summary["unconverged"] = 0.0
             stats.append(summary)
         return stats
 

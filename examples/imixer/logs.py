@@ -73,9 +73,9 @@ class SolverMeter:
             result = layer.backward_stats if phase == "backward" else layer.stats
             if result is None:
                 continue
-            tol = {"forward": layer.tol, "backward": layer.backward_tol, "eval": layer.eval_tol}[phase]
             nstep = result.nstep.reshape(-1).to(torch.float64)
-            unconverged = (~result.converged).reshape(-1).sum().to(torch.float64) if tol > 0 else nstep.new_zeros(())
+            # A fixed budget (the reference loop, tol 0) ran what it was asked: Status.budget, no failure.
+            unconverged = (~result.succeeded).reshape(-1).sum().to(torch.float64)
             row = self.totals[phase][index]
             row[_SUM] += nstep.sum()
             row[_MAX_ITERS] = torch.maximum(row[_MAX_ITERS], nstep.max())

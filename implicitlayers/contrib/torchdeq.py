@@ -1,8 +1,10 @@
 """TorchDEQ's fixed-point solvers behind implicitlayers' solver interface.
 
-After :func:`register`, ``"torchdeq.anderson"``, ``"torchdeq.broyden"`` and ``"torchdeq.fixed_point_iter"``
-work wherever a solver name does: :func:`implicitlayers.solve`, the layers' ``solver=`` and
-``backward_solver=`` arguments, and ``solver_options`` (TorchDEQ's option names, listed below).
+:class:`TorchDEQAnderson`, :class:`TorchDEQBroyden` and :class:`TorchDEQFixedPointIter` are
+:class:`~implicitlayers.Solver` objects whose fields are TorchDEQ's option names; after :func:`register`,
+their names ``"torchdeq.anderson"``, ``"torchdeq.broyden"`` and ``"torchdeq.fixed_point_iter"`` work
+wherever a solver name does: :func:`implicitlayers.solve`, the layers' ``solver=``, and
+``il.IFT(solver=...)`` for the adjoint.
 
 Examples:
     >>> import torch, implicitlayers as il
@@ -12,6 +14,7 @@ Examples:
     >>> res = il.solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), solver="torchdeq.broyden", tol=1e-8)
     >>> bool(res.converged.all())
     True
+    >>> res = il.solve(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), solver=il_torchdeq.TorchDEQAnderson(m=4))
 
 The adapter returns a :class:`~implicitlayers.SolverResult` with the core solvers' meaning, but the
 solvers underneath are TorchDEQ's (0.1.x), which differ from the built-in ones:
@@ -57,15 +60,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..solvers import SolverResult, get_solver, register_solver, residual
-from ..solvers.base import working_dtype
+from ..solvers import Budget, Solver, SolverResult, register_solver, residual
+from ..solvers.base import _REGISTRY
+from ..solvers.driver import working_dtype
 
-__all__ = ["SOLVER_NAMES", "anderson", "broyden", "fixed_point_iter", "register"]
+__all__ = ["SOLVER_NAMES", "TorchDEQAnderson", "TorchDEQBroyden", "TorchDEQFixedPointIter", "register"]
 
 _INSTALL_HINT = (
     "the torchdeq solvers need the optional dependency torchdeq: pip install torchdeq "
@@ -89,116 +94,107 @@ def _torchdeq_solver(name: str) -> Callable[..., Any]:
     return torchdeq_get_solver(name)
 
 
-def anderson(
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    m: int = 6,
-    lam: float = 1e-4,
-    tau: float = 1.0,
-) -> SolverResult:
-    """Solves z = f(z) with TorchDEQ's Anderson acceleration (see the module docstring for differences).
+class _TorchDEQSolver(Solver):
+    """A TorchDEQ solver behind the :class:`~implicitlayers.Solver` interface (see the module docstring)."""
 
-    Args:
-        f: Map whose fixed point is sought, ``(B, ...) -> (B, ...)``.
-        z0: Initial guess, shape ``(B, ...)``.
-        max_iter: Evaluations of ``f`` allowed to TorchDEQ (it always makes at least two).
-        tol: Tolerance; TorchDEQ stops when the batch's largest residual is below it.
-        stop_mode: ``"rel"`` or ``"abs"``.
+    torchdeq_name: ClassVar[str]
+
+    def solve(
+        self, f: Callable[[Tensor], Tensor], z0: Tensor, budget: Budget | None = None, *, keep_memory: bool = False
+    ) -> SolverResult:
+        """Solves z = f(z) with TorchDEQ (no quasi-Newton memory is exposed: ``keep_memory`` keeps nothing).
+
+        Raises:
+            ImportError: If torchdeq is not installed.
+            ValueError: For ``Budget(sync_every > 1)`` or ``compact_rows``, which TorchDEQ's loop cannot honour.
+        """
+        budget = budget or Budget()
+        if budget.sync_every != 1 or budget.compact_rows:
+            raise ValueError(
+                f"{type(self).__name__} runs TorchDEQ's own loop: use Budget(sync_every=1, compact_rows=False)"
+            )
+        solver = _torchdeq_solver(self.torchdeq_name)
+        with torch.no_grad():
+            return _run(self.torchdeq_name, solver, f, z0, budget, self.options())
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments passed to TorchDEQ's solver."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TorchDEQAnderson(_TorchDEQSolver):
+    """TorchDEQ's Anderson acceleration.
+
+    Attributes:
         m: Number of past iterates mixed (>= 2).
         lam: Absolute Tikhonov regularisation of the mixing system (>= 0).
         tau: Damping in (0, 1]; 1 mixes the images f(z_i) only.
-
-    Returns:
-        A :class:`~implicitlayers.SolverResult` (residual recomputed with :func:`implicitlayers.residual`).
-
-    Raises:
-        ImportError: If torchdeq is not installed.
-        ValueError: For out-of-range options.
     """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-        raise ValueError(f"m must be an integer >= 2, got {m!r}")
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam!r}")
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    return _solve(
-        "anderson", f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, options={"m": m, "lam": lam, "tau": tau}
-    )
+
+    torchdeq_name: ClassVar[str] = "anderson"
+
+    m: int = 6
+    lam: float = 1e-4
+    tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 2:
+            raise ValueError(f"m must be an integer >= 2, got {self.m!r}")
+        if not self.lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+
+    def options(self) -> dict[str, Any]:
+        return {"m": self.m, "lam": self.lam, "tau": self.tau}
 
 
-def broyden(
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    LBFGS_thres: int | None = None,
-) -> SolverResult:
-    """Finds a root of f(z) - z with TorchDEQ's Broyden method (see the module docstring for differences).
+@dataclass(frozen=True)
+class TorchDEQBroyden(_TorchDEQSolver):
+    """TorchDEQ's Broyden method (without its line search, whose evaluations could not be attributed).
 
-    Args:
-        f: Map whose fixed point is sought, ``(B, ...) -> (B, ...)``.
-        z0: Initial guess, shape ``(B, ...)``.
-        max_iter: Evaluations of ``f`` allowed to TorchDEQ (its initial one included).
-        tol: Tolerance; TorchDEQ stops when the batch's largest residual is below it.
-        stop_mode: ``"rel"`` or ``"abs"``.
+    Attributes:
         LBFGS_thres: Rank-one updates kept (>= 1); ``None`` keeps all of them.
-
-    Returns:
-        A :class:`~implicitlayers.SolverResult` (residual recomputed with :func:`implicitlayers.residual`).
-
-    Raises:
-        ImportError: If torchdeq is not installed.
-        ValueError: For out-of-range options.
     """
-    if LBFGS_thres is not None and (
-        isinstance(LBFGS_thres, bool) or not isinstance(LBFGS_thres, int) or LBFGS_thres < 1
-    ):
-        raise ValueError(f"LBFGS_thres must be None or an integer >= 1, got {LBFGS_thres!r}")
-    options = {"LBFGS_thres": LBFGS_thres, "ls": False}
-    return _solve("broyden", f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, options=options)
+
+    torchdeq_name: ClassVar[str] = "broyden"
+
+    LBFGS_thres: int | None = None
+
+    def __post_init__(self) -> None:
+        value = self.LBFGS_thres
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"LBFGS_thres must be None or an integer >= 1, got {value!r}")
+
+    def options(self) -> dict[str, Any]:
+        return {"LBFGS_thres": self.LBFGS_thres, "ls": False}
 
 
-def fixed_point_iter(
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    tau: float = 1.0,
-) -> SolverResult:
-    """Solves z = f(z) with TorchDEQ's (damped) fixed-point iteration (see the module docstring).
+@dataclass(frozen=True)
+class TorchDEQFixedPointIter(_TorchDEQSolver):
+    """TorchDEQ's (damped) fixed-point iteration.
 
-    Args:
-        f: Map whose fixed point is sought, ``(B, ...) -> (B, ...)``.
-        z0: Initial guess, shape ``(B, ...)``.
-        max_iter: Evaluations of ``f`` allowed to TorchDEQ.
-        tol: Tolerance; TorchDEQ stops when the batch's largest residual is below it.
-        stop_mode: ``"rel"`` or ``"abs"``.
+    Attributes:
         tau: Damping in (0, 1]: z <- tau f(z) + (1 - tau) z.
-
-    Returns:
-        A :class:`~implicitlayers.SolverResult` (residual recomputed with :func:`implicitlayers.residual`).
-
-    Raises:
-        ImportError: If torchdeq is not installed.
-        ValueError: For out-of-range options.
     """
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    return _solve("fixed_point_iter", f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, options={"tau": tau})
+
+    torchdeq_name: ClassVar[str] = "fixed_point_iter"
+
+    tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
+
+    def options(self) -> dict[str, Any]:
+        return {"tau": self.tau}
 
 
-SOLVER_NAMES: dict[str, Callable[..., SolverResult]] = {
-    "torchdeq.anderson": anderson,
-    "torchdeq.broyden": broyden,
-    "torchdeq.fixed_point_iter": fixed_point_iter,
+SOLVER_NAMES: dict[str, type[Solver]] = {
+    "torchdeq.anderson": TorchDEQAnderson,
+    "torchdeq.broyden": TorchDEQBroyden,
+    "torchdeq.fixed_point_iter": TorchDEQFixedPointIter,
 }
 """The names :func:`register` adds to the solver registry, and the adapter behind each."""
 
@@ -221,29 +217,10 @@ def register(*, overwrite: bool = False) -> list[str]:
     """
     for name in _LAYOUT:
         _torchdeq_solver(name)  # fail now, with the install hint, rather than at the first solve
-    for name, fn in SOLVER_NAMES.items():
-        try:
-            existing = get_solver(name)
-        except ValueError:
-            existing = None
-        if existing is not fn:
-            register_solver(name, fn, overwrite=overwrite)
+    for name, adapter in SOLVER_NAMES.items():
+        if _REGISTRY.get(name) is not adapter:
+            register_solver(name, adapter, overwrite=overwrite)
     return list(SOLVER_NAMES)
-
-
-def _solve(
-    name: str,
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    options: dict[str, Any],
-) -> SolverResult:
-    solver = _torchdeq_solver(name)
-    with torch.no_grad():
-        return _run(name, solver, f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, options=options)
 
 
 def _run(
@@ -251,12 +228,10 @@ def _run(
     solver: Callable[..., Any],
     f: Callable[[Tensor], Tensor],
     z0: Tensor,
-    *,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
+    budget: Budget,
     options: dict[str, Any],
 ) -> SolverResult:
+    max_iter, tol, stop_mode = budget.max_iter, budget.tol, budget.stop_mode
     shape, device = z0.shape, z0.device
     dtype = working_dtype(z0.dtype)
     batch = shape[0]
@@ -293,11 +268,7 @@ def _run(
         res = residual(z, fz, stop_mode).float()
     res = torch.where(torch.isfinite(res) & torch.isfinite(fz).all(dim=1), res, torch.full_like(res, math.inf))
     return SolverResult(
-        z=z.reshape(shape),
-        nstep=step.clamp_min(1),
-        residual=res,
-        converged=res <= tol,
-        trace=trace,
+        z=z.reshape(shape), nstep=step.clamp_min(1), residual=res, converged=res <= tol, trace=trace, budget=budget
     )
 
 

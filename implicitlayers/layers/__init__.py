@@ -1,6 +1,8 @@
 """Implicit and invertible layers."""
 
-from .implicit import FixedPointModule, ImplicitLayer, VariationalDropout, fixed_point
+from .base import FixedPointModule
+from .dropout import VariationalDropout
+from .implicit import ImplicitLayer, fixed_point
 from .invertible import ACTIVATIONS, ImplicitMLP, InvertibleResidual
 
 __all__ = [

@@ -12,9 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LipschitzWarning, check_int_at_least
+from ..implicit import Gradient
 from ..lipschitz import LipSwish, SoftSpectralNorm, lipschitz_bound, spectral_norm
 from ..logdet import residual_logdet
-from .implicit import FixedPointModule, initial_guess, validate_z_init
+from ..solvers import Budget, Solver
+from .base import FixedPointModule
+from .implicit import initial_guess, validate_z_init
 
 __all__ = ["ACTIVATIONS", "ImplicitMLP", "InvertibleResidual", "make_activation"]
 
@@ -73,25 +76,27 @@ class InvertibleResidual(FixedPointModule):
         g: The residual branch, mapping ``(B, ...)`` to the same shape; for a guaranteed inverse make it
             a contraction, e.g. with :func:`implicitlayers.spectral_norm` (a warning is emitted when
             :func:`implicitlayers.lipschitz_bound` cannot certify that).
-        solver: Solver of the inverse (see :class:`ImplicitLayer`).
+        solver: Solver of the inverse (object or name; Broyden by default).
+        budget: The inverse solve's :class:`~implicitlayers.Budget`; ``max_iter``/``tol`` are shorthands.
         max_iter: Maximum evaluations of g in the inverse's solve.
         tol: Residual tolerance of the inverse.
-        backward: Gradient mode of the inverse (``"ift"``, ``"phantom"``, ``"jfb"``, ``"unrolled"``).
-        **options: Any other :class:`ImplicitLayer` option (``backward_solver``, ``stop_mode``,
-            ``phantom_steps``, ``on_nonconvergence``, ``solver_options``, ...).
+        backward: Gradient mode of the inverse (any :class:`~implicitlayers.Gradient` or its name).
+        **options: Any other :class:`~implicitlayers.FixedPointModule` option (``eval_budget``,
+            ``on_nonconvergence``, ...).
     """
 
     def __init__(
         self,
         g: nn.Module,
         *,
-        solver: str = "broyden",
-        max_iter: int = 30,
-        tol: float = 1e-4,
-        backward: str = "ift",
+        solver: str | Solver = "broyden",
+        budget: Budget | None = None,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        backward: str | Gradient = "ift",
         **options: Any,
     ) -> None:
-        super().__init__(solver=solver, max_iter=max_iter, tol=tol, backward=backward, **options)
+        super().__init__(solver=solver, budget=budget, max_iter=max_iter, tol=tol, backward=backward, **options)
         if not isinstance(g, nn.Module):
             raise ValueError(f"g must be an nn.Module, got {type(g).__name__}")
         self.g = g
@@ -168,14 +173,15 @@ class ImplicitMLP(FixedPointModule):
         bias: Give both linear layers a bias.
         coeff: Spectral-norm bound of each linear layer.
         n_power_iterations: Power-iteration steps per training forward.
-        solver: Forward solver. Broyden by default: a root finder, it does not rely on g being a
-            contraction, which the default GELU/coeff 0.9 setting does not certify.
+        solver: Forward solver (object or name). Broyden by default: a root finder, it does not rely
+            on g being a contraction, which the default GELU/coeff 0.9 setting does not certify.
+        budget: The solve's :class:`~implicitlayers.Budget`; ``max_iter``/``tol`` are shorthands.
         max_iter: Maximum evaluations of g per solve.
         tol: Per-row residual tolerance; 0 runs exactly ``max_iter`` iterations.
         backward: Gradient mode, as in :class:`ImplicitLayer`.
         z_init: Initial guess; ``"input"`` (the default) starts from x, exact when g = 0.
         on_nonconvergence: ``"warn"``, ``"raise"`` or ``"ignore"``, as in :class:`ImplicitLayer`.
-        **options: Any other :class:`ImplicitLayer` option.
+        **options: Any other :class:`~implicitlayers.FixedPointModule` option.
 
     Shapes:
         x: ``(..., features)``; output: the same.
@@ -191,16 +197,18 @@ class ImplicitMLP(FixedPointModule):
         bias: bool = True,
         coeff: float = 0.9,
         n_power_iterations: int = 1,
-        solver: str = "broyden",
-        max_iter: int = 30,
-        tol: float = 1e-4,
-        backward: str = "ift",
+        solver: str | Solver = "broyden",
+        budget: Budget | None = None,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        backward: str | Gradient = "ift",
         z_init: str | Callable[[Tensor], Tensor] = "input",
         on_nonconvergence: str = "warn",
         **options: Any,
     ) -> None:
         super().__init__(
             solver=solver,
+            budget=budget,
             max_iter=max_iter,
             tol=tol,
             backward=backward,

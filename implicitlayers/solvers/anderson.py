@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..errors import check_int_at_least
-from .base import SolverResult, iterate, weighted_sum
+from .base import Solver
+from .norms import weighted_sum
 
-__all__ = ["Anderson", "anderson"]
+__all__ = ["Anderson"]
 
 
 class AndersonState(NamedTuple):
@@ -25,7 +27,8 @@ class AndersonState(NamedTuple):
     inverse_scale: Tensor  # (B, 1) 1/s: one over the largest magnitude of each sample's first residual
 
 
-class Anderson:
+@dataclass(frozen=True)
+class Anderson(Solver):
     """Anderson acceleration: mix the last ``memory`` images so as to minimise the mixed residual.
 
     With residuals G_i = f(z_i) - z_i of the last n iterates, the weights α (summing to one) minimise
@@ -37,22 +40,26 @@ class Anderson:
     It wins on smooth maps with a contraction rate close to one, where it often needs a small fraction
     of Picard's iterations; it cannot find fixed points of maps that are not locally contractive.
 
-    Args:
+    Attributes:
         memory: Number of past iterates mixed (m >= 1; 1 is Picard).
         damping: β in (0, 1].
-        regularization: Tikhonov term added to the Gram matrix, relative to its mean diagonal, so the
-            solver behaves the same for a sample and for that sample scaled by any factor.
+        regularization: Tikhonov term added to the Gram matrix, relative to the newest residual's
+            squared norm, so the solver behaves the same for a sample and for that sample scaled by
+            any factor, and keeps converging as the residuals shrink.
     """
 
-    def __init__(self, memory: int = 5, damping: float = 1.0, regularization: float = 1e-8) -> None:
-        check_int_at_least("memory", memory)
-        if not 0.0 < damping <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {damping!r}")
-        if not regularization >= 0.0:
-            raise ValueError(f"regularization must be >= 0, got {regularization!r}")
-        self.memory = memory
-        self.damping = damping
-        self.regularization = regularization
+    keeps_memory = True
+
+    memory: int = 5
+    damping: float = 1.0
+    regularization: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_int_at_least("memory", self.memory)
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
+            raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
+        if not isinstance(self.regularization, (int, float)) or not self.regularization >= 0.0:
+            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
 
     def step(self, state: AndersonState | None, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, AndersonState]:
         if state is None:
@@ -119,12 +126,23 @@ class Anderson:
         # H is unchanged when a secant pair (ΔF_j, ΔG_j) is scaled; scaling each to ||ΔG_j|| = 1 keeps
         # the regularisation from erasing the small late steps of a converging solve.
         norms = torch.linalg.vector_norm(residual_steps, dim=2, keepdim=True)
-        scale = torch.where(norms > 0, norms, 1.0)
+        # A residual is rounded at the precision of the iterates it is the difference of, not at its
+        # own: a pair whose ΔG is within that rounding (a step taken after convergence) carries no
+        # secant information, only noise that the scaling would blow up. Such pairs are dropped.
+        images_norm = torch.linalg.vector_norm(images.double(), dim=2).amax(dim=0)[None, :, None]  # (1, B, 1)
+        noise = 64 * torch.finfo(images.dtype).eps * images_norm * state.inverse_scale.double()[None]
+        informative = norms > noise
+        scale = torch.where(informative, norms, math.inf)
         image_steps, residual_steps = image_steps / scale, residual_steps / scale
         gram = torch.einsum("ibd,jbd->bij", residual_steps, residual_steps)
         projections = torch.einsum("ibd,bd->bi", image_steps, cotangent.double())
         # Ridge at the precision of the stored history: directions its rounding cannot resolve get
-        # no weight, the others keep the exact multisecant solution.
+        # no weight, the others keep the exact multisecant solution (exact on a linear map). A larger
+        # ridge tames the estimate on low-dimensional nonlinear maps, where the late, near-collinear
+        # steps of a solve resolve the fast modes only through the map's curvature (a 2-d ELU cell's
+        # estimate came out 20x off), but it costs the exactness on linear maps (up to 0.2 off at
+        # √eps): dimensions that small are not what SHINE is for, and IFT(start="estimate") corrects
+        # a bad estimate by solving on to the tolerance.
         ridge = torch.finfo(residuals.dtype).eps * torch.eye(gram.shape[1], dtype=torch.float64, device=gram.device)
         coefficients, info = torch.linalg.solve_ex(gram + ridge, projections[..., None])
         coefficients = coefficients[..., 0]
@@ -138,8 +156,11 @@ class Anderson:
         """Mixing weights (B, n) that minimise ||Σ α_i G_i|| subject to Σ α_i = 1, from the float64 Gram."""
         n = gram.shape[1]
         # The n×n systems are tiny; solving them in float64 costs nothing and keeps the weights
-        # meaningful when residuals are nearly collinear close to convergence.
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        # meaningful when residuals are nearly collinear close to convergence. The Tikhonov term is
+        # relative to the newest residual's squared norm: relative to the history's mean it swamped
+        # the small late residuals of a converging solve, which then stalled (a 2-d linear map took
+        # 9 evaluations from a warm start to 1e-12 instead of 4).
+        scale = gram[:, newest, newest].clamp_min(torch.finfo(torch.float64).tiny)
         eye = torch.eye(n, dtype=torch.float64, device=gram.device)
         regularized = gram + (self.regularization * scale)[:, None, None] * eye
         weights, info = torch.linalg.solve_ex(regularized, torch.ones_like(gram[:, :, :1]))
@@ -148,20 +169,3 @@ class Anderson:
         # a plain Picard step from the newest iterate.
         usable = (info == 0) & (total.abs() < math.inf) & (total != 0)
         return torch.where(usable[:, None], weights[..., 0] / total[:, None], eye[newest])
-
-
-def anderson(
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    sync_every: int = 1,
-    memory: int = 5,
-    damping: float = 1.0,
-    regularization: float = 1e-8,
-) -> SolverResult:
-    """Solves z = f(z) with Anderson acceleration. See :class:`Anderson` and :func:`implicitlayers.solve`."""
-    rule = Anderson(memory=memory, damping=damping, regularization=regularization)
-    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..errors import check_int_at_least
-from .base import SolverResult, iterate, unit_rows, weighted_sum
+from .base import Solver
+from .budget import Budget
+from .driver import iterate
+from .norms import unit_rows, weighted_sum
+from .result import SolverResult
 
-__all__ = ["BROYDEN_METHODS", "Broyden", "broyden"]
+__all__ = ["BROYDEN_METHODS", "Broyden"]
 
 
 class BroydenState(NamedTuple):
@@ -27,7 +33,8 @@ class BroydenState(NamedTuple):
 BROYDEN_METHODS = ("second", "first")
 
 
-class Broyden:
+@dataclass(frozen=True)
+class Broyden(Solver):
     """Quasi-Newton root finding on g(z) = f(z) - z with a limited-memory inverse-Jacobian estimate.
 
     The estimate starts at B = -I (so the first step is a Picard step) and receives one rank-one update
@@ -45,17 +52,28 @@ class Broyden:
     Cost per iteration: one evaluation of ``f`` plus O(memory·D) per sample; memory 2·memory·D per
     sample. When the memory is full the estimate restarts from -I.
 
-    Args:
-        memory: Rank-one updates kept (>= 1).
+    Attributes:
+        memory: Rank-one updates kept (>= 1); a solve allocates at most ``max_iter`` of them.
         method: ``"second"`` (default) or ``"first"``.
     """
 
-    def __init__(self, memory: int = 20, method: str = "second") -> None:
-        check_int_at_least("memory", memory)
-        if method not in BROYDEN_METHODS:
-            raise ValueError(f"method must be one of {list(BROYDEN_METHODS)}, got {method!r}")
-        self.memory = memory
-        self.method = method
+    keeps_memory = True
+
+    memory: int = 20
+    method: str = "second"
+
+    def __post_init__(self) -> None:
+        check_int_at_least("memory", self.memory)
+        if self.method not in BROYDEN_METHODS:
+            raise ValueError(f"method must be one of {list(BROYDEN_METHODS)}, got {self.method!r}")
+
+    def solve(
+        self, f: Callable[[Tensor], Tensor], z0: Tensor, budget: Budget | None = None, *, keep_memory: bool = False
+    ) -> SolverResult:
+        budget = budget or Budget()
+        # More stored updates than steps can never be used; do not allocate them.
+        rule = self if self.memory <= budget.max_iter else dataclasses.replace(self, memory=budget.max_iter)
+        return iterate(f, z0, rule, budget, keep_memory=keep_memory)
 
     def step(self, state: BroydenState | None, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, BroydenState]:
         g = fz - z
@@ -113,20 +131,3 @@ def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:
         return -x
     coefficients = torch.linalg.vecdot(right, x)  # (n, B)
     return weighted_sum(left, coefficients) - x
-
-
-def broyden(
-    f: Callable[[Tensor], Tensor],
-    z0: Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    sync_every: int = 1,
-    memory: int = 20,
-    method: str = "second",
-) -> SolverResult:
-    """Solves z = f(z) (a root of f(z) - z) with limited-memory Broyden. See :class:`Broyden`."""
-    # More stored updates than steps can never be used; do not allocate them.
-    rule = Broyden(memory=min(memory, max_iter) if isinstance(memory, int) else memory, method=method)
-    return iterate(f, z0, rule, max_iter=max_iter, tol=tol, stop_mode=stop_mode, sync_every=sync_every)

@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from examples.deq import train
-from examples.deq.model import SolverSettings, build_classifier
+from examples.deq.model import build_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "deq" / "train.py"
@@ -92,7 +92,7 @@ def test_torchdeq_and_implicitlayers_models_start_from_the_same_weights():
     models = []
     for backend in ("implicitlayers", "torchdeq"):
         torch.manual_seed(0)
-        models.append(build_classifier(backend, 8, SolverSettings()))
+        models.append(build_classifier(backend, 8))
     for part in ("stem", "head"):
         first, second = (getattr(m, part).state_dict() for m in models)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

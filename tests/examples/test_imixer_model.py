@@ -68,9 +68,7 @@ def test_create_model_accepts_timm_and_implicit_overrides() -> None:
         z_init="zeros", phantom_steps=3, **TINY,
     )  # fmt: skip
     layer = net.implicit_layers()[0]
-    assert (layer.solver, layer.backward, layer.max_iter, layer.tol, layer.phantom_steps) == (
-        "picard", "phantom", 12, 1e-5, 3,
-    )  # fmt: skip
+    assert (layer.solver, layer.backward, layer.max_iter, layer.tol) == (il.Picard(), il.Phantom(steps=3), 12, 1e-5)
     assert layer.z_init == "zeros" and layer.hidden_features == layer.features == 8
     assert il.lipschitz_bound(layer.g) == pytest.approx(0.64 * (1.09984 / 1.1) ** 2)  # coeff² · Lip(LipSwish)²
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3)
@@ -119,7 +117,7 @@ def test_default_mode_solves_to_tolerance_and_reports_statistics() -> None:
     layer = net.implicit_layers()[0]
     # The default chosen by benchmarks/imixer_training.py (issue 11): a certified contraction, tol 1e-2,
     # SHINE's gradient from the Anderson memory.
-    assert (layer.solver, layer.backward, layer.tol, layer.shine_refine) == ("anderson", "shine", 1e-2, 0)
+    assert (layer.solver, layer.backward, layer.tol) == (il.Anderson(), il.Shine(refine=0), 1e-2)
     assert isinstance(layer.g[0], il.LipSwish) and il.lipschitz_bound(layer.g) < 1
     assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
 
@@ -130,14 +128,14 @@ def test_the_exact_solved_mode_solves_the_adjoint_to_tolerance() -> None:
     net(torch.randn(4, 1, 8, 8)).logsumexp(dim=1).sum().backward()
     assert all(block["residual_max"] <= 1e-3 for block in net.solver_stats())
     for layer in net.implicit_layers():
-        assert (layer.backward, layer.tol, layer.backward_tol) == ("ift", 1e-3, 1e-3)
+        assert (layer.backward, layer.tol) == (il.IFT(), 1e-3)  # the adjoint's tolerance is the forward's
         assert layer.backward_stats is not None and bool(layer.backward_stats.converged.all())
 
 
 def test_reference_mode_runs_exactly_n_picard_steps() -> None:
     net = timm.create_model("imixer_t2_8", reference_iterations=3, solver="broyden", tol=1e-2, **TINY)
     layer = net.implicit_layers()[0]
-    assert (layer.solver, layer.backward, layer.tol, layer.max_iter) == ("picard", "unrolled", 0.0, 3)
+    assert (layer.solver, layer.backward, layer.tol, layer.max_iter) == (il.Picard(), il.Unrolled(), 0.0, 3)
     assert layer.g[1].parametrizations.weight[0].n_power_iterations == 8
     net(torch.randn(2, 1, 8, 8))
     assert all(block["nstep_max"] == block["nstep_mean"] == 3 for block in net.solver_stats())
@@ -287,8 +285,8 @@ def test_the_solved_imixer_runs_in_the_models_dtype(dtype: torch.dtype) -> None:
 def test_levers_beyond_the_paper_reach_the_token_mixers_and_leave_the_reference_alone():
     net = timm.create_model("imixer_t2_8", activation="lipswish", backward="shine", shine_refine=2, compact_rows=True)
     for layer in net.implicit_layers():
-        assert isinstance(layer.g[0], il.LipSwish) and layer.backward == "shine"
-        assert layer.shine_refine == 2 and layer.compact_rows
+        assert isinstance(layer.g[0], il.LipSwish) and layer.backward == il.Shine(refine=2)
+        assert layer.budget.compact_rows
         assert il.lipschitz_bound(layer.g) == pytest.approx(0.81 * (1.09984 / 1.1) ** 2)  # certified < 1
     assert net.implicit_settings["activation"] == "lipswish"
     net(torch.randn(2, 1, 8, 8)).sum().backward()
@@ -315,9 +313,9 @@ def test_budgets_penalty_and_synchronisation_reach_the_token_mixers():
     }
     net = timm.create_model("imixer_t2_8", **TINY, **kwargs).double()
     for layer in net.implicit_layers():
-        assert (layer.backward_solver, layer.backward_max_iter, layer.backward_tol) == ("broyden", 40, 1e-5)
-        assert (layer.eval_max_iter, layer.eval_tol, layer.jacobian_penalty) == (50, 1e-6, 2)
-        assert layer.solver_options == {"sync_every": 3}
+        assert layer.backward == il.IFT(solver=il.Broyden(), max_iter=40, tol=1e-5)
+        assert (layer.eval_budget.max_iter, layer.eval_budget.tol, layer.jacobian_penalty) == (50, 1e-6, 2)
+        assert layer.budget.sync_every == 3 and layer.eval_budget.sync_every == 3
     assert {key: net.implicit_settings[key] for key in kwargs} == kwargs
     images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     assert net.jacobian_loss() is None  # nothing computed yet
