@@ -8,7 +8,9 @@ on both sides: ``il.solve`` by name, and the iMixer's training step through ``ti
 
 Workloads (per call, seconds):
 
-* ``solve/<solver>``: ``il.solve`` on the slow tanh problem (D = 256, B = 64, ||W|| = 0.99, tol 1e-6);
+* ``solve/<size>/<solver>``: ``il.solve`` on the slow tanh problem (D = 256, ||W|| = 0.99, tol 1e-6),
+  ``small`` with B = 64 samples (dispatch-bound), ``large`` with B = 4096 (as many rows as a token
+  mixer of ``imixer_t4_32`` at batch 32: arithmetic-bound);
 * ``imixer_step``: one training step (forward, loss, backward, AdamW) of ``imixer_t4_32`` on 28 px
   grayscale images, batch 32, the model's default settings.
 """
@@ -44,10 +46,11 @@ def timed(fn, repeats):
     return sorted(times)[len(times) // 2]
 
 out = {{}}
-problem = symmetric_tanh_problem(256, 64, seed=0, norm=0.99, dtype=torch.float32)
-for solver in ("picard", "anderson", "broyden"):
-    run = lambda: il.solve(problem, torch.zeros_like(problem.drive), solver=solver, tol=1e-6, max_iter=400)
-    out["solve/" + solver] = timed(run, 5)
+for size, batch in (("small", 64), ("large", 4096)):
+    problem = symmetric_tanh_problem(256, batch, seed=0, norm=0.99, dtype=torch.float32)
+    for solver in ("picard", "anderson", "broyden"):
+        run = lambda: il.solve(problem, torch.zeros_like(problem.drive), solver=solver, tol=1e-6, max_iter=400)
+        out[f"solve/{{size}}/{{solver}}"] = timed(run, 5 if size == "small" else 3)
 
 import timm
 from examples.imixer import imixer  # registers the models

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import check_int_at_least
 from .base import Solver
-from .norms import weighted_sum
+from .norms import row_scale, weighted_sum
 
 __all__ = ["Anderson"]
 
@@ -67,14 +67,12 @@ class Anderson(Solver):
             # Residuals are stored divided by their sample's first residual's largest magnitude, so
             # the Gram matrix's products neither overflow nor underflow at any scale of the iterates
             # (the mixing weights do not depend on a sample's scale).
-            largest = (fz - z).abs().amax(dim=1, keepdim=True) if dim else z.new_zeros(batch, 1)
-            usable = (largest > 0) & (largest < math.inf)
             state = AndersonState(
                 f=z.new_empty(self.memory, batch, dim),
                 g=z.new_empty(self.memory, batch, dim),
                 gram=z.new_zeros(batch, self.memory, self.memory, dtype=torch.float64),
                 count=0,
-                inverse_scale=torch.where(usable, 1.0 / largest.clamp_min(torch.finfo(z.dtype).tiny), 1.0),
+                inverse_scale=1.0 / row_scale(fz - z),
             )
         slot = state.count % self.memory
         n = min(state.count + 1, self.memory)
@@ -129,7 +127,8 @@ class Anderson(Solver):
         # A residual is rounded at the precision of the iterates it is the difference of, not at its
         # own: a pair whose ΔG is within that rounding (a step taken after convergence) carries no
         # secant information, only noise that the scaling would blow up. Such pairs are dropped.
-        images_norm = torch.linalg.vector_norm(images.double(), dim=2).amax(dim=0)[None, :, None]  # (1, B, 1)
+        # (an upper bound of each sample's ||f_j||, without squares: √D times its largest magnitude)
+        images_norm = images.abs().amax(dim=(0, 2)).double()[None, :, None] * math.sqrt(images.shape[2])
         noise = 64 * torch.finfo(images.dtype).eps * images_norm * state.inverse_scale.double()[None]
         informative = norms > noise
         scale = torch.where(informative, norms, math.inf)

@@ -14,20 +14,26 @@ from ..errors import check_int_at_least
 from .base import Solver
 from .budget import Budget
 from .driver import iterate
-from .norms import unit_rows, weighted_sum
+from .norms import row_scale, weighted_sum
 from .result import SolverResult
 
 __all__ = ["BROYDEN_METHODS", "Broyden"]
 
 
 class BroydenState(NamedTuple):
-    """Low-rank inverse-Jacobian estimate B = -I + Σ_i u_i v_iᵀ and the previous iterate."""
+    """Low-rank inverse-Jacobian estimate B = -I + Σ_i u_i v_iᵀ and the previous iterate, scaled.
+
+    Iterates and residuals are stored divided by each sample's scale s (the largest magnitude of its
+    first residual), so that the secant products neither overflow nor underflow at any scale of the
+    iterates; B itself is the same in these units (it maps residual steps to iterate steps).
+    """
 
     u: Tensor  # (memory, B, D)
     v: Tensor  # (memory, B, D)
     count: int  # rank-one updates stored since the last restart
-    z: Tensor  # previous iterate (B, D)
-    g: Tensor  # previous residual g(z) = f(z) - z (B, D)
+    z: Tensor  # previous iterate / s (B, D)
+    g: Tensor  # previous residual (f(z) - z) / s (B, D)
+    scale: Tensor  # s (B, 1)
 
 
 BROYDEN_METHODS = ("second", "first")
@@ -79,11 +85,13 @@ class Broyden(Solver):
         g = fz - z
         if state is None:
             batch, dim = z.shape
-            state = BroydenState(z.new_zeros(self.memory, batch, dim), z.new_zeros(self.memory, batch, dim), 0, z, g)
+            scale = row_scale(g)
+            memory = z.new_zeros(self.memory, batch, dim), z.new_zeros(self.memory, batch, dim)
+            state = BroydenState(*memory, 0, z / scale, g / scale, scale)
         else:
-            state = self._update(state, z, g, active)
+            state = self._update(state, z / state.scale, g / state.scale, active)
         n = min(state.count, self.memory)
-        proposal = z - _apply(state.u[:n], state.v[:n], g)
+        proposal = z - _apply(state.u[:n], state.v[:n], state.g) * state.scale
         return proposal, state
 
     def adjoint_estimate(self, state: BroydenState) -> Callable[[Tensor], Tensor]:
@@ -108,21 +116,17 @@ class Broyden(Solver):
         n = count
         dz, dg = z - state.z, g - state.g
         b_dg = _apply(u[:n], v[:n], dg)
-        # Second method: v ∝ Δg. First method: v ∝ Bᵀ Δz. Stored as a unit vector, with the update
-        # written u vᵀ = (Δz - BΔg) vᵀ / ⟨v, Δg⟩: no product of two iterate-sized numbers is ever
-        # formed, so iterates near the dtype's largest values (or smallest) neither overflow nor
-        # underflow in the solver's own arithmetic.
+        # Second method: v = Δg. First method: v = Bᵀ Δz.
         direction = dg if self.method == "second" else _apply(v[:n], u[:n], dz)
-        unit, _ = unit_rows(direction)
-        denom = torch.linalg.vecdot(unit, dg)
-        _, dg_norm = unit_rows(dg) if self.method == "first" else (None, denom)
+        denom = torch.linalg.vecdot(direction, dg)
+        scale = torch.linalg.vector_norm(direction, dim=1) * torch.linalg.vector_norm(dg, dim=1)
         # Skip the update where the secant direction is (numerically) orthogonal, NaN included: it would
         # blow B up. A zero u makes the stored term u vᵀ vanish, whatever v holds; it is selected, not
         # multiplied by zero, so an overflowed Δz - BΔg cannot leave a NaN behind.
-        usable = active & (denom.abs() > 1e-12 * dg_norm)
+        usable = active & (denom.abs() > 1e-12 * scale)
         u[count] = torch.where(usable[:, None], (dz - b_dg) / denom[:, None], 0.0)
-        v[count] = unit
-        return BroydenState(u, v, count + 1, z, g)
+        v[count] = direction
+        return BroydenState(u, v, count + 1, z, g, state.scale)
 
 
 def _apply(left: Tensor, right: Tensor, x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .budget import Budget
-from .norms import residuals, underflow_floor
+from .norms import RESIDUAL_EPS, residuals, underflow_floor
 from .result import SolverResult, Status
 
 __all__ = ["DIVERGENCE_FACTOR", "StepRule", "host_counts", "iterate", "working_dtype"]
@@ -124,6 +124,7 @@ class _Tracker:
         self.status = torch.full((batch,), int(Status.max_iter), dtype=torch.long, device=z0.device)
         self.trace: list[Tensor] = []
         self.finite = self.active  # the latest evaluation's finiteness mask
+        self.underflow = underflow_risk(z0, tol, stop_mode)
 
     def update(self, z: Tensor, fz: Tensor, sync: bool = True) -> _Progress | None:
         """Records ``fz = f(z)`` for the active samples; returns the batch flags the driver branches on.
@@ -184,17 +185,18 @@ class _Tracker:
                 flags[2] = active
         else:
             # Measure with care where a sample passed the divergence limit, or where its plain norm
-            # is so small that squaring its entries may have underflowed (at tiny scales such a step
-            # would read 0, "converged"; with tol = 0, a fixed budget, only an exact 0 stops a sample).
-            suspicious = diff < (underflow_floor(z) if self.tol > 0 else 0.0)
+            # may have underflowed in a way that could pass for convergence (see underflow_risk).
+            suspicious = diff < self.underflow if self.underflow else None
             if self.divergence_limit is not None:
-                suspicious = suspicious | (diff > self.divergence_limit)
-            flags.append(suspicious)
+                beyond = diff > self.divergence_limit
+                suspicious = beyond if suspicious is None else suspicious | beyond
+            if suspicious is not None:
+                flags.append(suspicious)
         if not sync:
             return _Step(res, diff, finite, counted, better, active, diverged, [], False)
         # One host synchronisation for every flag the driver branches on.
         counts = host_counts(flags)
-        needs_care = not careful and (counts[1] < len(res) or counts[3] > 0)
+        needs_care = not careful and (counts[1] < len(res) or (len(counts) > 3 and counts[3] > 0))
         return _Step(res, diff, finite, counted, better, active, diverged, counts[:3], needs_care)
 
     def result(self, shape: torch.Size, dtype: torch.dtype) -> SolverResult:
@@ -211,6 +213,22 @@ class _Tracker:
             trace=torch.stack(self.trace),
             status=status,
         )
+
+
+def underflow_risk(z: Tensor, tol: float, stop_mode: str) -> float:
+    """The step norm ||f(z) - z|| below which a plain measurement must be redone with care; 0: never.
+
+    Squaring tiny entries underflows, so a plain norm below :func:`underflow_floor` may read 0: a
+    false "converged" only if ``tol`` lies within that band. In ``"abs"`` mode that is tol below the
+    floor; in ``"rel"`` mode, where the residual is ||f(z) - z|| / (||f(z)|| + 1e-12), tol below the
+    floor / 1e-12 (never in float64, and below ~1e-3 in float32). With tol = 0 (a fixed budget) only
+    an exact 0 stops a sample, and an underflow stops none early.
+    """
+    if tol == 0:
+        return 0.0
+    floor = underflow_floor(z)
+    bound = floor if stop_mode == "abs" else floor / RESIDUAL_EPS
+    return floor if tol < bound else 0.0
 
 
 def _iterate(

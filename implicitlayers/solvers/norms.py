@@ -7,7 +7,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["RESIDUAL_EPS", "measure", "residual", "row_norms", "underflow_floor", "unit_rows", "weighted_sum"]
+__all__ = [
+    "RESIDUAL_EPS",
+    "measure",
+    "residual",
+    "row_norms",
+    "row_scale",
+    "underflow_floor",
+    "weighted_sum",
+]
 
 # Added to ||f(z)|| in the relative residual so that z = f(z) = 0 counts as converged.
 RESIDUAL_EPS = 1e-12
@@ -60,17 +68,16 @@ def row_norms(x: Tensor, robust: bool = True) -> Tensor:
     return torch.linalg.vector_norm(scaled.double(), dim=1) * scale[:, 0].double()
 
 
-def unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / ||x||, ||x||)`` per row of ``x`` (B, D), without overflow or underflow, in x's dtype.
+def row_scale(x: Tensor) -> Tensor:
+    """The largest magnitude of each row of ``x`` (B, D), shape ``(B, 1)``; 1 where it is 0 or not finite.
 
-    Each row is scaled by its largest magnitude before the squares are summed, so rows near the
-    dtype's largest (or smallest) values are handled; a zero row gives a zero unit vector and norm 0.
+    Solvers divide their histories by their first residual's row scale, so that their dot products
+    and norms, plain passes in the working dtype, neither overflow nor underflow at any scale of the
+    iterates: from there residuals can grow by the driver's divergence factor (1e8) or shrink to the
+    dtype's precision before they are stopped, a range whose squares fit in float32.
     """
-    scale = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_zeros(x.shape[0], 1)
-    scaled = x / scale.clamp_min(torch.finfo(x.dtype).tiny)
-    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    unit = torch.where(norm > 0, scaled / norm.clamp_min(torch.finfo(x.dtype).tiny), 0.0)
-    return unit, (norm * scale)[:, 0]
+    largest = x.abs().amax(dim=1, keepdim=True) if x.shape[1] else x.new_ones(x.shape[0], 1)
+    return torch.where((largest > 0) & (largest < math.inf), largest, 1.0)
 
 
 def underflow_floor(x: Tensor) -> float:
