@@ -603,3 +603,38 @@ def test_settings_are_small_immutable_validated_objects():
     assert il.Budget().replace(tol=1e-6) == il.Budget(tol=1e-6)
     with pytest.raises(ValueError, match="Budget has no field"):
         il.Budget().replace(tolerance=1e-6)
+
+
+def test_a_layer_with_compiled_chunks_gives_the_eager_values_and_gradients():
+    torch.manual_seed(0)
+    budget = il.Budget(max_iter=100, tol=1e-10, sync_every=3)
+    eager = quiet(il.ImplicitMLP, 8, 16, activation="gelu", solver="anderson", budget=budget).double()
+    compiled = quiet(il.ImplicitMLP, 8, 16, activation="gelu", solver="anderson", budget=budget)
+    compiled.budget = budget.replace(compile_backend="aot_eager")
+    compiled = compiled.double()
+    compiled.load_state_dict(eager.state_dict())
+    for layer in (eager, compiled):
+        layer.eval()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    outputs = []
+    for layer in (eager, compiled):
+        xr = x.clone().requires_grad_()
+        out = layer(xr)
+        (grad,) = torch.autograd.grad(out.sin().sum(), xr)
+        outputs.append((out.detach(), grad, layer.stats.nstep))
+    (out_e, grad_e, nstep_e), (out_c, grad_c, nstep_c) = outputs
+    assert torch.equal(nstep_c, nstep_e) and int(nstep_e.max()) > 4
+    torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-9, atol=1e-12)
+
+
+def test_torch_compile_sees_each_solve_as_one_graph_break():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), quiet(il.ImplicitMLP, 8, 16, tol=1e-6), nn.Linear(8, 8), nn.Tanh())
+    model.eval()
+    x = torch.randn(16, 8)
+    explanation = torch._dynamo.explain(model)(x)
+    # Two graphs, one on each side of the solve, which runs eagerly (torch.compiler.disable).
+    assert explanation.graph_count == 2, [str(r.reason)[:120] for r in explanation.break_reasons]
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)

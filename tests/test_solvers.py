@@ -658,3 +658,35 @@ def test_the_driver_reads_back_to_the_host_once_per_chunk(monkeypatch, solver, s
 def test_sync_every_must_be_a_positive_integer():
     with pytest.raises(ValueError, match="sync_every"):
         il.solve(lambda z: 0.5 * z, torch.ones(2, 3), solver="anderson", sync_every=0)
+
+
+# ------------------------------------------------------------------ compiled chunks
+@pytest.mark.parametrize("solver", BUILTIN)
+def test_a_compiled_chunk_changes_no_sample_and_compiles_a_bounded_number_of_graphs(solver):
+    # Budget(compile_backend=...) compiles the evaluations between synchronisations into one graph
+    # each (fullgraph: a split would raise). aot_eager traces exactly what inductor would compile,
+    # without code generation, so the comparison with the eager chunk is bitwise.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in range(3):
+        problem = symmetric_tanh_problem(24, 8, seed=seed, norm=0.95)
+        budget = il.Budget(max_iter=400, tol=1e-10, sync_every=4)
+        eager = il.as_solver(solver).solve(problem, torch.zeros_like(problem.drive), budget)
+        compiled = il.as_solver(solver).solve(
+            problem, torch.zeros_like(problem.drive), budget.replace(compile_backend="aot_eager")
+        )
+        assert torch.equal(compiled.nstep, eager.nstep) and torch.equal(compiled.status, eager.status)
+        assert torch.equal(compiled.z, eager.z) and torch.equal(compiled.trace, eager.trace)
+        assert bool(eager.converged.all()) and int(eager.nstep.max()) > 8  # several chunks ran
+    # A chunk specialises on the solver's bounded memory position, never on the iteration count:
+    # the same graphs serve every later solve of the shape.
+    assert counters["stats"]["unique_graphs"] <= {"picard": 2, "anderson": 6, "broyden": 3}[solver]
+
+
+def test_a_compile_backend_is_validated():
+    with pytest.raises(ValueError, match="compile_backend must be None or a torch.compile backend"):
+        il.Budget(sync_every=4, compile_backend="gcc")
+    with pytest.raises(ValueError, match="set sync_every >= 2"):
+        il.Budget(compile_backend="aot_eager")

@@ -269,6 +269,16 @@ class _LastEvaluation:
         with torch.no_grad():
             return checked(self._f_rows(z_rows.detach(), index))
 
+    def untracked(self, z: Tensor) -> Tensor:
+        """f without a graph and without being kept: the evaluations between synchronisations.
+
+        The driver calls it in chunks it may compile (Budget.compile_backend); the output's graph comes
+        from an evaluation at a synchronisation, or one more at the returned iterate.
+        """
+        self.z = self.fz = None
+        with torch.no_grad():
+            return self.f(z.detach())
+
     def __call__(self, z: Tensor) -> Tensor:
         if self.probe is not None:
             probe, self.probe = self.probe, None

@@ -46,8 +46,10 @@ def solve_linear(
         latest["x"], latest["image"] = x, image
         return image
 
-    # The rows of a linear solve are never compacted: its map is not f.
-    result = solver.solve(linear_map, rhs if start is None else start.to(rhs.dtype), budget.replace(compact_rows=False))
+    # The rows of a linear solve are never compacted (its map is not f), and it is never compiled:
+    # its products go through torch.autograd.grad on a recorded graph, which dynamo cannot trace.
+    budget = budget.replace(compact_rows=False, compile_backend=None)
+    result = solver.solve(linear_map, rhs if start is None else start.to(rhs.dtype), budget)
     if not judged:
         result.status = torch.where(result.status == Status.max_iter, int(Status.budget), result.status)
     if problem.on_backward is not None:

@@ -204,6 +204,11 @@ class FixedPointModule(nn.Module):
         return self._eval_budget
 
     # -- the forward --
+    # torch.compile runs the solve eagerly, as one graph break: its solver loop reads flags back to
+    # the host and its autograd.Function has a forward-mode rule, neither of which dynamo traces;
+    # the model around it compiles into whole graphs (49 breaks in a 4-block iMixer without this,
+    # 4 with it). A compile backend in the Budget compiles the solve's own chunks.
+    @torch.compiler.disable
     def fixed_point(self, f: Callable[[Any, Tensor], Any], z0: Any, x: Tensor) -> Any:
         """Solves z = f(z, x) from ``z0`` and returns f(z*) with this layer's gradient attached.
 

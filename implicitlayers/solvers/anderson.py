@@ -23,7 +23,10 @@ class AndersonState(NamedTuple):
     f: Tensor  # (memory, B, D) images f(z_j)
     g: Tensor  # (memory, B, D) scaled residuals g_j = (f(z_j) - z_j) / s
     gram: Tensor  # (B, memory, memory) float64, <g_i, g_j>
-    count: int  # iterations so far
+    filled: int  # slots holding a pair of this solve (at most memory)
+    slot: int  # the slot the next pair is written to
+    # Both are bounded by memory (an iteration count is not), so a compiled chunk of iterations
+    # specialises on a bounded number of values (see Budget.compile_chunks).
     inverse_scale: Tensor  # (B, 1) 1/s: one over the largest magnitude of each sample's first residual
 
 
@@ -71,13 +74,14 @@ class Anderson(Solver):
                 f=z.new_empty(self.memory, batch, dim),
                 g=z.new_empty(self.memory, batch, dim),
                 gram=z.new_zeros(batch, self.memory, self.memory, dtype=torch.float64),
-                count=0,
+                filled=0,
+                slot=0,
                 inverse_scale=1.0 / row_scale(fz - z),
             )
-        slot = state.count % self.memory
-        n = min(state.count + 1, self.memory)
+        slot = state.slot
+        n = min(state.filled + 1, self.memory)
         g = (fz - z) * state.inverse_scale
-        if state.count == 0:
+        if state.filled == 0:
             # Every slot starts as a copy of the first pair: a sample that stops early keeps copies
             # (no secant information) in the slots it never reached, not uninitialised memory.
             state.f.copy_(fz.expand_as(state.f))
@@ -88,7 +92,7 @@ class Anderson(Solver):
             keep = active[:, None]
             torch.where(keep, g, state.g[slot], out=state.g[slot])
             torch.where(keep, fz, state.f[slot], out=state.f[slot])
-        state = state._replace(count=state.count + 1)
+        state = state._replace(filled=n, slot=(slot + 1) % self.memory)
         # Only the newest residual changed: update its row and column of the Gram matrix (n dot
         # products per sample instead of n²).
         row = torch.linalg.vecdot(state.g[:n], state.g[slot]).T.double()  # (B, n)
@@ -111,7 +115,7 @@ class Anderson(Solver):
         (Fang & Saad, 2009); it is exact on the span of ΔG. So u = -Hᵀ g = g - ΔG (ΔGᵀ ΔG)⁻¹ ΔFᵀ g,
         one small least-squares system per sample and no evaluation of f.
         """
-        n = min(state.count, self.memory)
+        n = state.filled
         return lambda cotangent: self._multisecant_adjoint(state, n, cotangent)
 
     def _multisecant_adjoint(self, state: AndersonState, n: int, cotangent: Tensor) -> Tensor:

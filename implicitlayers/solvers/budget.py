@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..errors import check_int_at_least
 
 __all__ = ["STOP_MODES", "Budget"]
@@ -42,6 +44,12 @@ class Budget:
         compact_rows: Evaluate ``f`` only on the samples still iterating once at most half of them are
             (needs ``f.rows(z_rows, index)``, which the layers provide; ``sync_every`` must be 1).
             Only for an ``f`` that treats samples independently and keeps no per-batch state.
+        compile_backend: A ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, ...) that
+            compiles each chunk of ``sync_every - 1`` evaluations between synchronisations into one
+            graph (needs ``sync_every > 1``; each sample's result is that of the eager chunk, up to
+            rounding); None (default) runs eagerly. The first solves of a new shape pay the
+            compilation; a chunk specialises on the solver's bounded memory position, so a few
+            graphs are compiled per shape.
     """
 
     max_iter: int = 30
@@ -49,6 +57,7 @@ class Budget:
     stop_mode: str = "rel"
     sync_every: int = 1
     compact_rows: bool = False
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         check_int_at_least("max_iter", self.max_iter)
@@ -60,6 +69,16 @@ class Budget:
         check_int_at_least("sync_every", self.sync_every)
         if not isinstance(self.compact_rows, bool):
             raise ValueError(f"compact_rows must be True or False, got {self.compact_rows!r}")
+        if self.compile_backend is not None:
+            if not isinstance(self.compile_backend, str) or self.compile_backend not in torch.compiler.list_backends(
+                exclude_tags=()
+            ):
+                raise ValueError(
+                    "compile_backend must be None or a torch.compile backend "
+                    f"({', '.join(torch.compiler.list_backends(exclude_tags=()))}), got {self.compile_backend!r}"
+                )
+            if self.sync_every < 2:
+                raise ValueError("compile_backend compiles the evaluations between synchronisations: set sync_every >= 2")
         if self.compact_rows and self.sync_every != 1:
             raise ValueError(
                 "compact_rows=True needs sync_every=1 (choosing the rows reads the host), "

@@ -242,37 +242,85 @@ def _iterate(
     tracker = _Tracker(z, budget.tol, budget.stop_mode)
     state = None
     rows = f.rows if budget.compact_rows and sync_every == 1 else None
+    chunk = _compiled_chunk(budget.compile_backend) if budget.compile_backend else None
     n_active = shape[0]
-    for evaluation in range(max_iter):
+    evaluation = 0
+    while evaluation < max_iter:
         # The first evaluation, every sync_every-th and the last read the flags back to the host;
         # the evaluations between them run without a synchronisation (see Budget.sync_every).
         sync = evaluation == 0 or evaluation == max_iter - 1 or evaluation % sync_every == 0
+        if not sync:
+            # Up to the next synchronisation: with a compile backend, one compiled graph.
+            steps = min(sync_every - evaluation % sync_every, max_iter - 1 - evaluation)
+            run = _unsynced_iterations if chunk is None else chunk
+            # The chunk starts from an empty trace (a compiled chunk would specialise on its length).
+            trace, tracker.trace = tracker.trace, []
+            z, state = run(getattr(f, "untracked", f), rule, z, state, tracker, steps, shape, z0.dtype)
+            tracker.trace = trace + tracker.trace
+            evaluation += steps
+            continue
         if rows is not None and evaluation > 0 and 2 * n_active <= shape[0]:
             fz = _evaluate_rows(rows, z, tracker.active, shape, z0.dtype, dtype)
         else:
             fz = _evaluate(f, z, shape, z0.dtype, dtype, first=evaluation == 0)
+        evaluation += 1
         # The solver's own arithmetic must not be autocast to bf16: histories and Gram matrices
         # would lose the precision the tolerance asks for.
         with torch.autocast(device_type, enabled=False):
-            progress = tracker.update(z, fz, sync=sync)
-            if progress is None:  # unknown flags: assume the worst, with masks instead of branches
-                all_finite, all_active = False, False
-            else:
-                n_active = progress.n_active
-                if evaluation == max_iter - 1 or n_active == 0:
-                    break
-                all_finite, all_active = progress.all_finite, n_active == shape[0]
-            if not all_finite:
+            progress = tracker.update(z, fz)
+            n_active = progress.n_active
+            if evaluation == max_iter or n_active == 0:
+                break
+            if not progress.all_finite:
                 # Non-finite samples are frozen; give the rule a zero residual there so nothing
                 # non-finite enters its history and leaks through batched linear algebra.
                 fz = torch.where(tracker.finite[:, None], fz, z)
             proposal, state = rule.step(state, z, fz, tracker.active)
+            all_active = n_active == shape[0]
             z = proposal if all_active else torch.where(tracker.active[:, None], proposal, tracker.best_z)
     result = tracker.result(shape, dtype)
     result.budget = budget
     if keep_memory:
         result.adjoint_estimate = _adjoint_estimate(rule, state, shape, dtype)
     return result
+
+
+def _unsynced_iterations(
+    f: Callable[[Tensor], Tensor],
+    rule: StepRule,
+    z: Tensor,
+    state: Any,
+    tracker: _Tracker,
+    steps: int,
+    shape: torch.Size,
+    f_dtype: torch.dtype,
+) -> tuple[Tensor, Any]:
+    """``steps`` evaluations with no host synchronisation: every decision is a masked tensor op.
+
+    A fixed sequence of kernels with no data-dependent branch, so that ``torch.compile`` traces it
+    as one graph (:func:`_compiled_chunk`) and a GPU can capture it.
+    """
+    for _ in range(steps):
+        fz = _evaluate(f, z, shape, f_dtype, z.dtype, first=False)
+        with torch.autocast(z.device.type, enabled=False):
+            tracker.update(z, fz, sync=False)
+            fz = torch.where(tracker.finite[:, None], fz, z)
+            proposal, state = rule.step(state, z, fz, tracker.active)
+            z = torch.where(tracker.active[:, None], proposal, tracker.best_z)
+    return z, state
+
+
+_COMPILED_CHUNKS: dict[str, Callable[..., tuple[Tensor, Any]]] = {}
+
+
+def _compiled_chunk(backend: str) -> Callable[..., tuple[Tensor, Any]]:
+    """:func:`_unsynced_iterations` compiled by ``torch.compile`` with ``backend``, once per process.
+
+    ``fullgraph=True``: a chunk that cannot be traced as one graph is an error, not a silent split.
+    """
+    if backend not in _COMPILED_CHUNKS:
+        _COMPILED_CHUNKS[backend] = torch.compile(_unsynced_iterations, backend=backend, fullgraph=True)
+    return _COMPILED_CHUNKS[backend]
 
 
 def _adjoint_estimate(
