@@ -686,7 +686,7 @@ def test_a_compiled_chunk_changes_no_sample_and_compiles_a_bounded_number_of_gra
 
 
 def test_a_compile_backend_is_validated():
-    with pytest.raises(ValueError, match="compile_backend must be None or a torch.compile backend"):
+    with pytest.raises(ValueError, match=r"compile_backend must be None or a torch\.compile backend"):
         il.Budget(sync_every=4, compile_backend="gcc")
     with pytest.raises(ValueError, match="set sync_every >= 2"):
         il.Budget(compile_backend="aot_eager")

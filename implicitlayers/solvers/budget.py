@@ -78,7 +78,9 @@ class Budget:
                     f"({', '.join(torch.compiler.list_backends(exclude_tags=()))}), got {self.compile_backend!r}"
                 )
             if self.sync_every < 2:
-                raise ValueError("compile_backend compiles the evaluations between synchronisations: set sync_every >= 2")
+                raise ValueError(
+                    "compile_backend compiles the evaluations between synchronisations: set sync_every >= 2"
+                )
         if self.compact_rows and self.sync_every != 1:
             raise ValueError(
                 "compact_rows=True needs sync_every=1 (choosing the rows reads the host), "
