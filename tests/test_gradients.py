@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import weakref
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import implicitlayers as il
-from tests.strategies import UNIT_ACTIVATIONS, relative_error
+from tests.strategies import UNIT_ACTIVATIONS, max_iter_for, relative_error, tolerance_for
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "elu": nn.functional.elu}
 
@@ -483,3 +484,51 @@ def test_a_warm_started_adjoint_keeps_every_order_and_needs_memory():
         il.ImplicitLayer(cell, solver="picard", backward=il.IFT(start="estimate"))
     with pytest.raises(ValueError, match="start must be 'rhs' or 'estimate'"):
         il.IFT(start="shine")
+
+
+class _TanhCell(nn.Module):
+    """f(z, x) = tanh(z Wᵀ + x Uᵀ) with a fixed non-normal W of norm ``rate``."""
+
+    def __init__(self, weight: torch.Tensor, inject: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.inject = nn.Parameter(inject)
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.weight.T + x @ self.inject.T)
+
+
+@given(
+    dim=st.integers(4, 32),
+    batch=st.integers(1, 4),
+    rate=st.floats(0.8, 0.98),
+    seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    solver=st.sampled_from(["anderson", "broyden"]),
+)
+def test_ift_gradients_in_float32_and_near_rate_one_match_the_closed_form(dim, batch, rate, seed, dtype, solver):
+    # The hard regime of the IFT: a slow adjoint solve (rate up to 0.98), float32 next to float64,
+    # against dz*/dx = (I - J)⁻¹ ∂f/∂x in float64. The forward and adjoint residuals are each within
+    # tol, which the conditioning 1 / (1 - rate) can amplify; float32 adds its rounding, amplified alike.
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    weight = rate * weight / torch.linalg.matrix_norm(weight, ord=2)
+    inject = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
+    x = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    cotangent = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    tol = tolerance_for(dtype)
+    cell = _TanhCell(weight.clone(), inject.clone()).to(dtype)
+    layer = il.ImplicitLayer(cell, solver=solver, tol=tol, max_iter=max_iter_for(rate, tol))
+    xr = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad((layer(xr) * cotangent.to(dtype)).sum(), xr)
+    assert bool(layer.stats.converged.all()) and bool(layer.backward_stats.converged.all())
+    exact_cell = _TanhCell(weight, inject)
+    z = il.solve(lambda z: exact_cell(z, x), torch.zeros_like(x), tol=1e-14, max_iter=max_iter_for(rate, 1e-14)).z
+    eye = torch.eye(dim, dtype=torch.float64)
+    reference = []
+    for i in range(batch):
+        jz, jx = torch.func.jacrev(lambda zi, xi: exact_cell(zi[None], xi[None])[0], argnums=(0, 1))(z[i], x[i])
+        reference.append(torch.linalg.solve(eye - jz, jx).T @ cotangent[i])  # (dz*/dx)ᵀ v; f(z*) = z*
+    reference = torch.stack(reference)
+    bound = 20 * (tol + torch.finfo(dtype).eps) / (1 - rate)
+    assert relative_error(grad.double(), reference) <= bound

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import implicitlayers as il
 from implicitlayers.problems import TanhProblem, symmetric_tanh_problem
 from implicitlayers.solvers import iterate
-from tests.strategies import SOLVERS, contractive_maps, relative_error, seeds, tolerance_for
+from tests.strategies import SOLVERS, contractive_maps, max_iter_for, relative_error, seeds, tolerance_for
 
 BUILTIN = ["picard", "anderson", "broyden"]
 
@@ -22,8 +22,9 @@ BUILTIN = ["picard", "anderson", "broyden"]
 def test_every_solver_reaches_tolerance_and_reports_its_residual(problem, solver, stop_mode):
     tol = tolerance_for(problem.drive.dtype)
     result = il.solve(
-        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=300
-    )
+        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode,
+        max_iter=max_iter_for(problem.rate, tol),
+    )  # fmt: skip
     assert bool(result.converged.all())
     recomputed = il.residual(result.z, problem(result.z), stop_mode)
     assert torch.all(result.residual <= tol)
@@ -47,17 +48,27 @@ def test_a_sample_converges_as_if_solved_alone(problem, solver, tight, stop_mode
     tol = tolerance_for(problem.drive.dtype) if tight else 1e-3
     if stop_mode == "abs" and tight:
         tol *= 1000  # the large samples' absolute residuals cannot get below their rounding
+    max_iter = max_iter_for(problem.rate, tol)
     batch = il.solve(
-        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=200
+        problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=max_iter
     )
     full_drive = problem.drive
     for i in range(full_drive.shape[0]):
         problem.drive = full_drive[i : i + 1]
         alone = il.solve(
-            problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=200
+            problem, torch.zeros_like(problem.drive), solver=solver, tol=tol, stop_mode=stop_mode, max_iter=max_iter
         )
-        assert int(batch.nstep[i]) == int(alone.nstep[0])
-        assert bool(batch.converged[i]) == bool(alone.converged[0])
+        # Up to rounding: a batched kernel may round a row differently from the row alone, so the
+        # evaluation at which a residual crosses tol may differ by one, and only where that residual
+        # lies within the rounding of tol (float32 residuals near 1e-5 are rounded at ~1e-2 of it).
+        n_batch, n_alone = int(batch.nstep[i]), int(alone.nstep[0])
+        if n_batch != n_alone:
+            assert abs(n_batch - n_alone) == 1
+            decisive = float(alone.trace[min(n_batch, n_alone) - 1])  # a lone sample's trace is its residual
+            near = 5e-2 if full_drive.dtype == torch.float32 else 1e-4
+            assert abs(decisive / tol - 1) <= near, (n_batch, n_alone, decisive, tol)
+        else:
+            assert bool(batch.converged[i]) == bool(alone.converged[0])
         scale = float(full_drive[i].abs().max()) + 1.0
         rounding = 1e-9 if full_drive.dtype == torch.float64 else 1e-4
         torch.testing.assert_close(batch.z[i : i + 1], alone.z, rtol=rounding, atol=rounding * scale)
@@ -621,8 +632,9 @@ def test_synchronising_every_few_evaluations_changes_no_sample(problem, solver, 
     problem.weight, problem.drive = problem.weight.double(), problem.drive.double()
     tol = 1e-10 if tight else 1e-4
     z0 = torch.zeros_like(problem.drive)
-    stepwise = il.solve(problem, z0, solver=solver, tol=tol, max_iter=150)
-    chunked = il.solve(problem, z0, solver=solver, tol=tol, max_iter=150, sync_every=sync_every)
+    max_iter = max_iter_for(problem.rate, tol)
+    stepwise = il.solve(problem, z0, solver=solver, tol=tol, max_iter=max_iter)
+    chunked = il.solve(problem, z0, solver=solver, tol=tol, max_iter=max_iter, sync_every=sync_every)
     assert torch.equal(chunked.nstep, stepwise.nstep)
     assert torch.equal(chunked.status, stepwise.status)
     assert torch.equal(chunked.converged, stepwise.converged)
