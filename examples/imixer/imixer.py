@@ -9,27 +9,23 @@ z = (1 - F)^{-1}(x) solves z = x + F(z). :class:`implicitlayers.ImplicitMLP` hol
 equation; everything else is timm's MLP-Mixer (this file follows ``timm/models/mlp_mixer.py`` and
 reuses its ``MlpMixer`` class, layers and weight init).
 
-Three ways of running the token mixer:
+Two ways of running the token mixer; both compute the paper's architecture (GELU in F, coeff 0.9),
+so every ``imixer_*`` name has the paper's parameter counts and a converted reference checkpoint
+loads into it with no flag:
 
-* **Default (solved)**: every token mixer is solved to a relative residual of ``tol=1e-2`` with
-  Anderson acceleration, with LipSwish as F's activation, so that F is a certified contraction
-  (Lip(F) ≤ coeff² · 0.9998 ≈ 0.81 < 1; the paper's GELU gives ≈ 1.03), and differentiated with
-  SHINE: the inverse Jacobian that Anderson's memory already holds stands in for the adjoint solve.
-  Chosen by measurement (``benchmarks/imixer_training.py``, issue 11; the tables are on the docs'
-  Benchmarks page): on the digits 4 × 128 recipe, plain and distorted, 3 seeds, its iterations stay
-  flat through training (the contraction holds), its output stays about 1e-2 from (1 - F)^{-1}(x)
-  where the 2-step reference loop's drifts to 0.3-0.5, and a training step costs about 1.1x the
-  reference loop's, where the exact mode below costs 2.5x the Mixer's. Its accuracy matches the
-  exact mode's on the plain digits and is below it on the distorted ones by less than the seed
-  spread (consistently over seeds: the cheap gradients, SHINE or JFB, cost there what the exact
-  gradient keeps); the exact mode is the choice when that matters more than the time.
-* **Exact**: ``activation="gelu", backward="ift", tol=1e-3`` is the paper's map solved to 1e-3 and
-  differentiated with the implicit function theorem: the gradient of the true (1 - F)^{-1}, at the
-  cost of an adjoint solve, and of iterations that grow through training as F drifts towards
-  non-contraction.
+* **Default (solved, exact gradients)**: every token mixer is solved with Anderson acceleration to
+  a relative residual of ``tol`` and differentiated with the implicit function theorem: the adjoint
+  equation is solved to the same tolerance, so the gradient is that of the true (1 - F)^{-1} up to
+  it. The solver, tolerance and adjoint start were chosen by measurement among exact settings, for
+  accuracy first and then cost (``benchmarks/imixer_training.py``; the table is on the docs'
+  iMixer page).
 * **Reference** (``reference_iterations=n``): exactly n Picard steps from z = fc1(x), differentiated
   by autograd through the loop, coeff 0.9 and 8 power iterations — the reference implementation's
-  computation, so its checkpoints load (:func:`convert_reference_state_dict`) and give its logits.
+  computation, so its checkpoints give its logits (:func:`convert_reference_state_dict`).
+
+Levers beyond the paper are arguments, never the default: ``activation="lipswish"`` certifies F as a
+contraction (structural: it adds β parameters), ``backward="shine"``/``"jfb"``/``"phantom"`` trade the
+exact gradient for time, ``jacobian_penalty`` regularises.
 
 After a forward pass :meth:`IMixer.solver_stats` reports per-block iterations, residuals and the
 fraction of unconverged rows.
@@ -126,13 +122,13 @@ class IMixerSettings:
     hidden_ratio: float = 2.0
     coeff: float = 0.9
     n_power_iterations: int = 1
-    activation: str = "lipswish"
+    activation: str = "gelu"
     reference_iterations: int | None = None
     solver: str = "anderson"
     max_iter: int = 30
     tol: float = 1e-2
     z_init: str = "input"
-    backward: str = "shine"
+    backward: str = "ift"
     phantom_steps: int = 1
     shine_refine: int = 0
     compact_rows: bool = False

@@ -1,4 +1,4 @@
-"""examples/imixer/model.py: registration, parameter counts, reference parity, solver statistics."""
+"""examples/imixer/imixer.py: registration, parameter counts, reference parity, solver statistics."""
 
 from __future__ import annotations
 
@@ -26,35 +26,48 @@ def test_every_model_is_registered_in_timm() -> None:
         assert timm.models.get_pretrained_cfg(name).architecture == name
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [("imixer_s16_224", 20_123_690), ("imixer_b16_224", 66_210_874), ("imixer_l16_224", 232_384_106)],
-)
-def test_parameter_counts_match_the_reference(name: str, expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def meta_safe_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     # On the meta device nothing is allocated; the normalisation's construction-time SVD and its
     # autocast guard cannot run there (they read values / need a real device type), and counting
     # parameters needs neither.
     monkeypatch.setattr(il.SoftSpectralNorm, "refine_", lambda self, weight: None)
     monkeypatch.setattr(il.SoftSpectralNorm, "forward", lambda self, weight: weight)
+
+
+def _count(name: str, **kwargs) -> int:
     with torch.device("meta"):
-        reference = timm.create_model(name, num_classes=10, reference_iterations=2)
-        solved = timm.create_model(name, num_classes=10)
-    assert sum(p.numel() for p in reference.parameters()) == expected
-    # The default's F uses LipSwish (issue 11), whose learnable β adds one scalar per activation: two per block.
-    extra = 2 * len(solved.blocks)
-    assert sum(p.numel() for p in solved.parameters()) == expected + extra
-    assert sum(p.numel() for p in timm.create_model(name, num_classes=10, activation="gelu").parameters()) == expected
+        return sum(p.numel() for p in timm.create_model(name, num_classes=10, **kwargs).parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("imixer_s16_224", 20_123_690), ("imixer_b16_224", 66_210_874), ("imixer_l16_224", 232_384_106)],
+)
+def test_the_default_has_the_papers_parameter_counts(name: str, expected: int, meta_safe_norm: None) -> None:
+    assert _count(name) == expected == _count(name, reference_iterations=2)
+
+
+@pytest.mark.parametrize("name", IMIXER_NAMES)
+def test_every_imixer_name_builds_the_papers_architecture(name: str, meta_safe_norm: None) -> None:
+    # The default is the reference's architecture (the same parameters, GELU in F), whatever the
+    # name's size; a lever beyond the paper is an argument, here LipSwish's learnable β, two per block.
+    with torch.device("meta"):
+        net = timm.create_model(name, num_classes=10)
+    assert net.settings.activation == "gelu"
+    assert all(isinstance(layer.g[0], torch.nn.GELU) for layer in net.implicit_layers())
+    assert _count(name) == _count(name, reference_iterations=2)
+    assert _count(name, activation="lipswish") == _count(name) + 2 * len(net.blocks)
 
 
 def test_vanilla_baselines_share_the_imixer_shapes() -> None:
     imixer = timm.create_model("imixer_t2_8")
     mixer = timm.create_model("mixer_t2_8")
     assert type(mixer).__name__ == "MlpMixer"
-    # The iMixer adds exactly F's two spectrally normalised layers (T→H→T with biases) per block, and
-    # the default LipSwish's two learnable β.
+    # The iMixer adds exactly F's two spectrally normalised layers (T→H→T with biases) per block.
     tokens_dim = imixer.embed_dim // 2
     hidden = 2 * tokens_dim
-    extra = len(imixer.blocks) * (2 * tokens_dim * hidden + hidden + tokens_dim + 2)
+    extra = len(imixer.blocks) * (2 * tokens_dim * hidden + hidden + tokens_dim)
     assert sum(p.numel() for p in imixer.parameters()) - sum(p.numel() for p in mixer.parameters()) == extra
 
 
@@ -70,7 +83,7 @@ def test_create_model_accepts_timm_and_implicit_overrides() -> None:
     layer = net.implicit_layers()[0]
     assert (layer.solver, layer.backward, layer.max_iter, layer.tol) == (il.Picard(), il.Phantom(steps=3), 12, 1e-5)
     assert layer.z_init == "zeros" and layer.hidden_features == layer.features == 8
-    assert il.lipschitz_bound(layer.g) == pytest.approx(0.64 * (1.09984 / 1.1) ** 2)  # coeff² · Lip(LipSwish)²
+    assert il.lipschitz_bound(layer.g) == pytest.approx(0.64 * 1.12891**2)  # coeff² · Lip(GELU)²
     assert net(torch.randn(2, 3, 16, 16)).shape == (2, 3)
     assert len(net.blocks) == 2 and net.stem.num_patches == 16
 
@@ -115,21 +128,47 @@ def test_default_mode_solves_to_tolerance_and_reports_statistics() -> None:
         assert block["unconverged"] == 0.0 and block["residual_max"] <= 1e-2
         assert 1 <= block["nstep_mean"] <= block["nstep_max"] <= 30
     layer = net.implicit_layers()[0]
-    # The default chosen by benchmarks/imixer_training.py (issue 11): a certified contraction, tol 1e-2,
-    # SHINE's gradient from the Anderson memory.
-    assert (layer.solver, layer.backward, layer.tol) == (il.Anderson(), il.Shine(refine=0), 1e-2)
-    assert isinstance(layer.g[0], il.LipSwish) and il.lipschitz_bound(layer.g) < 1
-    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+    # The paper's map, solved, with the exact (IFT) gradient.
+    assert (layer.solver, layer.backward) == (il.Anderson(), il.IFT(start=layer.backward.start))
+    assert isinstance(layer.g[0], torch.nn.GELU)
+    assert all(bool(layer.backward_stats.converged.all()) for layer in net.implicit_layers())
 
 
-def test_the_exact_solved_mode_solves_the_adjoint_to_tolerance() -> None:
+def test_the_default_gradient_is_the_derivative_of_the_model() -> None:
+    # End to end, in float64 with the default solver, gradient mode and adjoint start, solved
+    # tightly: the gradient of the loss in every parameter, along a random direction, is the central
+    # difference of the loss (the solve defines a smooth function of the weights; its error is the
+    # tolerance's, far below the difference quotient's 1e-8).
     torch.manual_seed(0)
-    net = timm.create_model("imixer_t2_8", backward="ift", tol=1e-3, activation="gelu", **TINY)
+    net = timm.create_model("imixer_t2_8", **TINY, tol=1e-12, max_iter=200).double().eval()
+    with torch.no_grad():  # timm's init zeroes the head, and with it every gradient but the head's
+        net.head.weight.normal_(std=0.5)
+    images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    labels = torch.tensor([1, 4, 7])
+    params = dict(net.named_parameters())
+    direction = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def loss(shift: float) -> Tensor:
+        shifted = {name: p.detach() + shift * direction[name] for name, p in params.items()}
+        return F.cross_entropy(torch.func.functional_call(net, shifted, (images,)), labels)
+
+    F.cross_entropy(net(images), labels).backward()
+    analytic = sum(float((p.grad * direction[name]).sum()) for name, p in params.items())
+    step = 1e-5
+    numeric = float((loss(step) - loss(-step)) / (2 * step))
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+    assert abs(analytic) > 1e-3  # a meaningful comparison
+
+
+def test_the_default_solves_the_adjoint_to_the_forward_tolerance() -> None:
+    torch.manual_seed(0)
+    net = timm.create_model("imixer_t2_8", tol=1e-3, **TINY)
     net(torch.randn(4, 1, 8, 8)).logsumexp(dim=1).sum().backward()
     assert all(block["residual_max"] <= 1e-3 for block in net.solver_stats())
     for layer in net.implicit_layers():
-        assert (layer.backward, layer.tol) == (il.IFT(), 1e-3)  # the adjoint's tolerance is the forward's
+        assert layer.tol == 1e-3 and layer.backward.tol is None  # the adjoint's tolerance is the forward's
         assert layer.backward_stats is not None and bool(layer.backward_stats.converged.all())
+        assert float(layer.backward_stats.residual.max()) <= 1e-3
 
 
 def test_reference_mode_runs_exactly_n_picard_steps() -> None:
@@ -297,6 +336,12 @@ def test_levers_beyond_the_paper_reach_the_token_mixers_and_leave_the_reference_
     assert all(isinstance(layer.g[0], torch.nn.GELU) for layer in reference.implicit_layers())
     with pytest.raises(ValueError, match="activation must be one of"):
         timm.create_model("imixer_t2_8", activation="softmax")
+
+
+def test_a_converted_reference_checkpoint_loads_strictly_into_the_default_model() -> None:
+    sd = model.convert_reference_state_dict(reference_state_dict(2, 16, tokens=16, patch=2, classes=10, seed=3))
+    net = timm.create_model("imixer_t2_8", embed_dim=16, num_blocks=2)  # no flag: the default
+    net.load_state_dict(sd, strict=True)
 
 
 def test_budgets_penalty_and_synchronisation_reach_the_token_mixers():
