@@ -1,6 +1,6 @@
 """iMixer training-step time, peak memory, inverse accuracy and inference throughput (issue 4).
 
-For ``imixer_s16_224`` and ``imixer_t4_32`` (``examples/imixer/model.py``) and their vanilla timm
+For ``imixer_s16_224`` and ``imixer_t4_32`` (``examples/imixer/imixer.py``) and their vanilla timm
 baselines ``mixer_s16_224`` / ``mixer_t4_32``, in one run:
 
 - **Modes.** ``vanilla`` (timm's MLP-Mixer of the same shape); ``default`` (the iMixer with the

@@ -44,7 +44,6 @@ DIAGNOSTIC_KEYS = {
     "unconverged",
 }
 GELU_LIPSCHITZ = 1.12891
-LIPSWISH_LIPSCHITZ = 1.09984 / 1.1
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +116,15 @@ def test_iteration_counts(run):
                 assert 1 <= block["nstep_mean"] <= block["nstep_max_mean"] <= block["nstep_max"] <= 30
                 assert block["unconverged"] == 0.0
         assert [b["count"] for b in trained["train_forward"]] == [3] * 4
-    # The reference loop runs exactly its n steps; neither it nor the default's SHINE gradient solves an
-    # adjoint equation (the adjoint statistics of an IFT run are checked by test_adjoint_iterations_are_logged).
+    # The reference loop runs exactly its n steps and solves no adjoint equation; the default's IFT gradient
+    # solves one per block and training batch.
     for block in reference["epochs"][1]["train_forward"] + reference["epochs"][1]["eval_forward"]:
         assert block["nstep_mean"] == block["nstep_max"] == 2
     assert reference["epochs"][1]["backward"] is None
-    assert solved["epochs"][1]["backward"] is None
+    backward = solved["epochs"][1]["backward"]
+    assert len(backward) == 4
+    for block in backward:
+        assert block["count"] == 3 and 1 <= block["nstep_mean"] <= block["nstep_max"] and block["unconverged"] == 0
 
 
 def test_adjoint_iterations_are_logged(module):
@@ -148,10 +150,8 @@ def test_inverse_residuals_spectral_radii_and_bounds(run):
                 assert set(block) == DIAGNOSTIC_KEYS and all(finite(v) for v in block.values()), block
                 # z* is the true inverse to float64 accuracy.
                 assert block["true_solve_converged"] == 1.0 and block["true_solve_residual_max"] <= 1e-10
-                # "Certified": coeff² · Lip(act)², whatever the weights (the default's LipSwish, the
-                # reference's GELU).
-                lipschitz = LIPSWISH_LIPSCHITZ if run_ is solved else GELU_LIPSCHITZ
-                assert block["lipschitz_bound"] == pytest.approx(0.81 * lipschitz**2, rel=1e-9)
+                # "Certified": coeff² · Lip(act)², whatever the weights (both use the paper's GELU).
+                assert block["lipschitz_bound"] == pytest.approx(0.81 * GELU_LIPSCHITZ**2, rel=1e-9)
                 assert finite(block["lipschitz_weights"]) and block["lipschitz_weights"] > 0
                 # Each power-iteration growth factor is a ‖Jᵀv‖ ≤ ‖J_F‖₂ ≤ the weights' Lipschitz bound.
                 assert 0 < block["spectral_radius_mean"] <= block["spectral_radius_max"]
@@ -166,11 +166,10 @@ def test_inverse_residuals_spectral_radii_and_bounds(run):
             # z = x + F(z) by at most Lip(F) · tol (relative): the bound that tol promises.
             assert s["unconverged"] == 0.0
             assert 0 <= s["inverse_residual_max"] <= s["lipschitz_weights"] * s["eval_tol"] * (1 + 1e-6)
-            # Two Picard steps leave a measurable, finite miss, larger than the solved mode's.
+            # Two Picard steps leave a measurable, finite miss. (Not necessarily larger than the solved mode's:
+            # with the same GELU weights a tol-1e-2 solve may stop at the very iterate two Picard steps reach.)
             assert 1e-6 < r["inverse_residual_mean"] <= r["inverse_residual_max"] < 1.0
             assert 1e-6 < r["inverse_error_mean"] <= r["inverse_error_max"] < 1.0
-            assert r["inverse_residual_max"] > s["inverse_residual_max"]
-            assert r["inverse_error_max"] > s["inverse_error_max"]
 
 
 def test_summary_and_table_agree_with_the_runs(module, run):

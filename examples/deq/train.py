@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import math
 import sys
 import time
@@ -51,6 +50,7 @@ if __package__ in (None, ""):  # run as a script: import the package from the re
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import implicitlayers as il
+from examples.common import OneLineArgumentParser, must_be, positive_float, positive_int, recorded_flags, write_results
 from examples.deq.model import DEQClassifier, SolveReport, build_classifier
 
 HERE = Path(__file__).resolve().parent
@@ -78,44 +78,8 @@ class RunSpec:
     gamma: float = 0.0
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """An argparse type: a seed, an integer in [0, 2**32) (what scikit-learn's random_state accepts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+# What scikit-learn's random_state accepts.
+seed_int = must_be(int, "an integer in [0, 2**32)", lambda value: 0 <= value < 2**32)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -434,14 +398,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _shown(path: Path) -> str:
-    """A path as written into results: relative to the repository when inside it."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the comparison and writes its files; returns the results (also saved as ``results.json``)."""
@@ -473,7 +429,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if not missing:
         torchdeq_version = importlib.metadata.version("torchdeq")
     results = {
-        "config": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": recorded_flags(args),
         "data": {"train": len(digits.train_labels), "val": len(digits.val_labels)},
         "runs": runs,
         "seconds": 0.0,
@@ -487,9 +443,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     results["cpu_seconds"] = time.process_time() - cpu_start
     table = summary_table(results)
     print(table, end="")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (args.out / "summary.md").write_text(table, encoding="utf-8")
-    (args.out / "setup.md").write_text(setup_line(results), encoding="utf-8")
+    write_results(args.out, results, {"summary.md": table, "setup.md": setup_line(results)}, ensure_ascii=False)
     print(f"wrote results.json, summary.md, setup.md and {FIGURE} to {args.out} ({results['seconds']:.0f} s)")
     return results
 

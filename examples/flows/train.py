@@ -24,7 +24,6 @@ documentation includes verbatim). Bad arguments exit with status 2 and one line.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -41,34 +40,17 @@ import torch
 from sklearn.datasets import make_circles, make_moons
 from torch import Tensor, nn
 
+if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
 import implicitlayers as il
+from examples.common import OneLineArgumentParser, positive_float, positive_int, recorded_flags, write_results
 
 HERE = Path(__file__).resolve().parent
 DOCS_OUT = HERE.parents[1] / "docs" / "assets" / "flows"
 DATASETS = ("moons", "circles", "mixture")
 # (estimator, terms) pairs measured against "exact".
 ESTIMATOR_GRID = [("series", 1), ("series", 2), ("series", 4), ("series", 8), ("roulette", 1), ("roulette", 2)]
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit status 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,14 +191,6 @@ def estimator_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shown(path: Path) -> str:
-    """A path as written into results: relative to the repository when inside it."""
-    try:
-        return str(path.resolve().relative_to(HERE.parents[1]))
-    except ValueError:
-        return str(path)
-
-
 def summary_line(results: dict[str, Any]) -> str:
     """One sentence with the run's headline numbers (the docs include this file verbatim)."""
     config, sampling = results["config"], results["sampling"]
@@ -283,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figure = args.out / f"flow_{args.dataset}.png"
     plot(flow, test, samples, figure, args.dataset)
     results = {
-        "config": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": recorded_flags(args),
         "train_curve": curve,
         "test_loglik": mean,
         "test_loglik_stderr": error,
@@ -292,9 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "torch": torch.__version__,
     }
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (args.out / "estimators.md").write_text(table, encoding="utf-8")
-    (args.out / "summary.md").write_text(summary_line(results), encoding="utf-8")
+    write_results(args.out, results, {"estimators.md": table, "summary.md": summary_line(results)})
     print(f"wrote {figure}, results.json and estimators.md to {args.out} ({results['seconds']:.0f} s)")
     return results
 

@@ -2,7 +2,7 @@
 
 Import it from the repository root::
 
-    from examples.imixer import imixer  # or: from examples.imixer import model (the same module)
+    from examples.imixer import imixer
     net = timm.create_model("imixer_t4_32", num_classes=10)
 
 Importing the package registers ``imixer_*`` and ``mixer_t*`` in timm under the module name ``imixer``.

@@ -15,27 +15,45 @@ any point (even ``kill -9``) leaves the previous manifest naming the previous co
 folder, if it got that far, is unreferenced. Unreferenced folders and stale ``*.tmp`` files are removed after
 each commit and when a run starts. Checkpoint folders are never overwritten: the manifest replacement is the
 only operation that changes what a reader sees.
+
+**Why not timm's** ``CheckpointSaver``: it pickles the whole training state, the ``args`` namespace included, into
+one ``.pth.tar`` that only ``torch.load(weights_only=False)`` reads, and it saves no random-generator state. Here
+the weights are safetensors, the rest is read back with ``weights_only=True``, a manifest commits each checkpoint
+atomically, and the generators are saved (:func:`save_training`) so that a resumed run is the uninterrupted one,
+bit for bit.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
+import platform
+import random
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import time
+from argparse import Namespace
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
+import timm
 import torch
+from timm.utils import unwrap_model
+
+import implicitlayers as il
+from examples.common import first_line
+from examples.imixer.imixer import IMixerSettings
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -45,14 +63,24 @@ __all__ = [
     "CheckpointError",
     "CheckpointRef",
     "atomic_write",
+    "check_compatible",
+    "checkpoint_to_evaluate",
     "claim_run_dir",
     "commit_checkpoint",
     "default_experiment_name",
     "find_latest_run",
     "implicit_mismatches",
+    "load_weights",
+    "locate_run",
     "read_manifest",
     "remove_stale",
     "resolve_checkpoint",
+    "resolved_config",
+    "restore_training",
+    "run_identity",
+    "save_training",
+    "settings_to_resume",
+    "write_config",
 ]
 
 MANIFEST = "checkpoints.json"
@@ -62,10 +90,8 @@ STATE = "state.pt"
 MANIFEST_FORMAT = 1
 
 # Implicit settings that change the function the network computes: a checkpoint trained with one value is a
-# different model under another (the reference loop's n Picard steps are not the solved (1 - F)^-1; hidden_ratio
-# changes shapes; coeff rescales every spectrally normalised weight). The others (solver, tolerance, budget,
-# gradient mode, power iterations, start) change how closely or how fast the same fixed point is computed.
-STRUCTURAL_SETTINGS = ("reference_iterations", "hidden_ratio", "coeff", "activation")
+# different model under another. The others change how closely or how fast the same fixed point is computed.
+STRUCTURAL_SETTINGS = IMixerSettings.STRUCTURAL
 
 
 class CheckpointError(Exception):
@@ -189,8 +215,16 @@ def find_latest_run(parent: Path, identity: Mapping[str, Any]) -> Path | None:
     return max(found)[2] if found else None
 
 
-def _same_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    return all(_jsonable(saved.get(key)) == _jsonable(current.get(key)) for key in ("model", "dataset", "implicit"))
+def _same_identity(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether a saved run is one ``wanted`` describes: the same model and data, and the implicit settings
+    ``wanted`` names (the flags given; settings not named follow the run)."""
+    if any(_jsonable(saved.get(key)) != _jsonable(wanted.get(key)) for key in ("model", "dataset")):
+        return False
+    settings, asked = saved.get("implicit"), wanted.get("implicit")
+    if settings is None or asked is None:
+        return settings is None and asked is None
+    settings = complete_settings(settings)
+    return all(_jsonable(settings.get(key)) == _jsonable(value) for key, value in asked.items())
 
 
 def _jsonable(value: Any) -> Any:
@@ -210,7 +244,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {_first_line(error)}") from None
+        raise CheckpointError(f"cannot read {path}: {first_line(error)}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("last"), dict):
         raise CheckpointError(f"{path} is not a checkpoint manifest (no 'last' entry)")
     for tag in ("last", "best"):
@@ -374,7 +408,7 @@ class CheckpointRef:
             with safetensors.safe_open(str(self.weights), "pt") as handle:
                 return dict(handle.metadata() or {})
         except Exception as error:  # safetensors raises its own error types for a torn or foreign file
-            raise CheckpointError(f"cannot read {self.weights}: {_first_line(error)}") from None
+            raise CheckpointError(f"cannot read {self.weights}: {first_line(error)}") from None
 
     def config(self) -> dict[str, Any] | None:
         """The run config stored with the weights (JSON in the metadata), or None for older/converted files."""
@@ -395,10 +429,10 @@ class CheckpointRef:
         try:
             return safetensors.torch.load_file(str(self.weights))
         except Exception as error:
-            raise CheckpointError(f"cannot read {self.weights}: {_first_line(error)}") from None
+            raise CheckpointError(f"cannot read {self.weights}: {first_line(error)}") from None
 
     def load_state(self) -> dict[str, Any]:
-        """``state.pt`` read with ``torch.load(weights_only=True)``; must be a dict."""
+        """``state.pt`` read with ``torch.load(weights_only=True)``, its entries checked (:data:`STATE_FIELDS`)."""
         if self.state is None or not self.state.is_file():
             raise CheckpointError(
                 f"{self.weights} has no training state next to it ({STATE} or <name>.state.pt): "
@@ -407,9 +441,10 @@ class CheckpointRef:
         try:
             saved = torch.load(self.state, map_location="cpu", weights_only=True)
         except Exception as error:  # unpickling errors come in many types; all mean "unusable file"
-            raise CheckpointError(f"cannot read {self.state}: {_first_line(error)}") from None
+            raise CheckpointError(f"cannot read {self.state}: {first_line(error)}") from None
         if not isinstance(saved, dict):
             raise CheckpointError(f"{self.state} is not a training state (a {type(saved).__name__}, not a dict)")
+        _check_training_state(saved, self.state)
         return saved
 
 
@@ -458,6 +493,233 @@ def _from_manifest(run_dir: Path, tag: str) -> CheckpointRef:
     return CheckpointRef(folder / WEIGHTS, folder / STATE, f"{run_dir}/{tag} ({entry['path']})")
 
 
+def locate_run(
+    parent: Path, experiment: str | None, resume: str | None, identity: Mapping[str, Any]
+) -> tuple[Path, CheckpointRef | None]:
+    """The run folder to write into (created) and the checkpoint to resume from, if any.
+
+    * ``experiment``: the folder ``parent/experiment``. ``resume="auto"`` continues it when it holds a committed
+      checkpoint and starts it otherwise; without ``resume`` a folder that already holds a run is refused
+      (runs never overwrite each other).
+    * no ``experiment``: ``resume="auto"`` continues the latest run under ``parent`` of the same ``identity``
+      (:func:`find_latest_run`); otherwise (or when there is none) a new folder
+      ``parent/<YYYYmmdd-HHMMSS>-<model>-<dataset>`` is created.
+    * ``resume=PATH`` loads that checkpoint (:func:`resolve_checkpoint`) and writes into the folder chosen as above.
+
+    ``parent``, ``experiment`` and ``resume`` are ``--output``, ``--experiment`` and ``--resume``; ``identity`` is
+    :func:`run_identity`'s.
+
+    Raises:
+        CheckpointError: The named run folder holds a run and would be overwritten, or the checkpoint is unusable.
+    """
+    ref = resolve_checkpoint(resume) if resume not in (None, "auto") else None
+    if experiment:
+        run_dir = parent / experiment
+        manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+        if resume == "auto" and manifest is not None:
+            ref = resolve_checkpoint(run_dir)
+        elif manifest is not None and not (ref and ref.weights.resolve().is_relative_to(run_dir.resolve())):
+            raise CheckpointError(
+                f"{run_dir} already holds a run (epoch {manifest['last'].get('epoch')}): continue it with "
+                "--resume auto, or choose another --experiment"
+            )
+        return claim_run_dir(parent, experiment, unique=False), ref
+    if resume == "auto":
+        found = find_latest_run(parent, identity)
+        if found is not None:
+            return found, resolve_checkpoint(found)
+    name = default_experiment_name(identity["model"], identity["dataset"])
+    return claim_run_dir(parent, name, unique=True), ref
+
+
+def checkpoint_to_evaluate(
+    parent: Path, experiment: str | None, resume: str, identity: Mapping[str, Any]
+) -> CheckpointRef:
+    """The checkpoint ``--eval-only`` reads: ``resume`` as a path, or for ``"auto"`` the run :func:`locate_run`
+    would continue (nothing is created).
+
+    Raises:
+        CheckpointError: There is none.
+    """
+    if resume != "auto":
+        return resolve_checkpoint(resume)
+    run_dir = parent / experiment if experiment else find_latest_run(parent, identity)
+    if run_dir is None or read_manifest(run_dir) is None:
+        where = run_dir or f"{parent} (for {identity['model']} on {identity['dataset']} with these settings)"
+        raise CheckpointError(f"--resume auto found no checkpoint to evaluate in {where}")
+    return resolve_checkpoint(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py's run: what identifies it, and its resolved config
+
+
+def run_identity(args: Namespace, img_size: int, implicit: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What makes two runs continuations of each other (``--resume auto`` only picks a run with the same): the
+    flags' model, data and model kwargs, the input size and the model's ``implicit_settings`` (None: no iMixer)."""
+    return {
+        "model": args.model, "dataset": args.dataset,
+        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "img_size": img_size,
+        "model_kwargs": {key: repr(value) for key, value in sorted(args.model_kwargs.items())},
+        "implicit": None if implicit is None else dict(implicit),
+    }  # fmt: skip
+
+
+def resolved_config(
+    args: Namespace, model: torch.nn.Module, loaders: Any, world_size: int, device: torch.device,
+    run_dir: Path | None, resumed_from: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    """All flags, the model's resolved settings, the data, the versions and the seed: ``args.yaml``/``config.json``
+    and the ``config`` stored in every checkpoint (``loaders``: train.py's ``Loaders``)."""
+    config = {
+        "args": vars(args), "seed": args.seed,
+        "model": {"name": args.model, "architecture": timm.models.get_pretrained_cfg(args.model).architecture,
+                  "num_classes": loaders.num_classes, "in_chans": loaders.in_chans, "img_size": loaders.img_size,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "implicit_settings": getattr(model, "implicit_settings", None)},
+        "data": {"dataset": args.dataset, "train_images": loaders.train_images, "val_images": loaders.val_images,
+                 "batch_size_per_process": args.batch_size, "global_batch_size": args.batch_size * world_size,
+                 "steps_per_epoch": len(loaders.train)},
+        "run": {"dir": str(run_dir) if run_dir is not None else None,
+                "started": datetime.now().isoformat(timespec="seconds"), "resumed_from": resumed_from,
+                "world_size": world_size, "device": str(device), "command": " ".join(sys.argv)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                     "implicitlayers": il.__version__, "numpy": np.__version__},
+    }  # fmt: skip
+    return json.loads(json.dumps(config, default=repr))  # plain JSON types (tuples → lists), for YAML too
+
+
+def write_config(run_dir: Path, config: Mapping[str, Any]) -> None:
+    """``config.json`` always; ``args.yaml`` (timm's name) when PyYAML is importable (timm depends on it)."""
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    try:
+        import yaml
+    except ImportError:
+        return
+    atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py's training state: what state.pt holds, written and restored
+
+
+# What state.pt must hold, and the types (checked before anything is restored).
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "epoch": (int,), "best_top1": (float, int), "history": (str,), "optimizer": (dict,), "scheduler": (dict,),
+    "scaler": (dict, type(None)), "ema": (dict, type(None)), "rng": (dict,), "args": (str,),
+}  # fmt: skip
+# The flags that define the learning-rate schedule: a resumed run restores the saved schedule only if they agree.
+SCHEDULE_FLAGS = ("sched", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "lr")
+
+
+def save_training(
+    run_dir: Path, state: Any, *, args: Mapping[str, Any], config: Mapping[str, Any], identity: Mapping[str, Any],
+    is_best: bool,
+) -> Path:  # fmt: skip
+    """Commits a checkpoint of ``state`` (train.py's ``TrainState``: an engine ``Trainer`` with ``epoch``,
+    ``best_top1``, ``history`` and ``wall_seconds``) as ``last`` (and ``best`` when ``is_best``).
+
+    Weights go to ``model.safetensors`` with metadata (epoch, model, val top-1, the config as JSON); the optimiser,
+    schedule, scaler, EMA, history, flags (``args``) and the random generators' states to ``state.pt``.
+    """
+    config_text = json.dumps(config)
+    training_state = {
+        "epoch": state.epoch, "best_top1": state.best_top1, "wall_seconds": state.wall_seconds,
+        "history": json.dumps(state.history), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "ema": state.ema.state_dict() if state.ema is not None else None,
+        "rng": _capture_rng(), "args": json.dumps(dict(args), default=repr), "config": config_text,
+    }  # fmt: skip
+    weights = {key: value.detach().cpu().contiguous() for key, value in unwrap_model(state.model).state_dict().items()}
+    val_top1 = state.history[-1]["val_top1"] if state.history else math.nan
+    metadata = {"epoch": str(state.epoch), "model": args["model"], "val_top1": repr(val_top1), "config": config_text}
+    return commit_checkpoint(
+        run_dir, epoch=state.epoch, weights=weights, metadata=metadata, training_state=training_state,
+        identity=identity, is_best=is_best, best_top1=state.best_top1,
+    )  # fmt: skip
+
+
+def load_weights(ref: CheckpointRef, model: torch.nn.Module, model_name: str) -> dict[str, str]:
+    """Loads the checkpoint's weights strictly into the (unwrapped) model; returns its metadata.
+
+    Raises:
+        CheckpointError: Unreadable, or not this model's.
+    """
+    metadata, weights = ref.metadata(), ref.load_weights()
+    try:
+        unwrap_model(model).load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"{ref.weights} does not match model {model_name}: {first_line(error)}") from None
+    return metadata
+
+
+def restore_training(ref: CheckpointRef, state: Any, args: Mapping[str, Any]) -> None:
+    """Restores the weights and the whole training state of a :func:`save_training` checkpoint into ``state``.
+
+    timm schedules are functions of the update count, which resumes with the epoch. Restoring the saved one matters
+    only for the same plan (timm's ``load_state_dict`` copies attributes, whatever the class): with other
+    :data:`SCHEDULE_FLAGS` the fresh schedule takes over at the same update count.
+
+    Raises:
+        CheckpointError: Missing, unreadable, torn, mismatched or malformed checkpoint.
+    """
+    metadata = load_weights(ref, state.model, args["model"])
+    saved = ref.load_state()
+    if str(saved["epoch"]) != metadata.get("epoch"):
+        raise CheckpointError(f"{ref.state} (epoch {saved['epoch']}) and its weights (epoch "
+                              f"{metadata.get('epoch')}) differ: the checkpoint is torn")  # fmt: skip
+    try:
+        state.optimizer.load_state_dict(saved["optimizer"])
+        saved_args = json.loads(saved["args"])
+        if all(saved_args.get(key) == args[key] for key in SCHEDULE_FLAGS):
+            state.scheduler.load_state_dict(saved["scheduler"])
+        if state.scaler is not None and saved["scaler"] is not None:
+            state.scaler.load_state_dict(saved["scaler"])
+        if state.ema is not None and saved["ema"] is not None:
+            state.ema.load_state_dict(saved["ema"])
+        history = json.loads(saved["history"])
+        _restore_rng(saved["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError, SyntaxError) as error:
+        raise CheckpointError(f"{ref.state} does not match this run: {first_line(error)}") from None
+    if not isinstance(history, list):
+        raise CheckpointError(f"{ref.state}: its history is not a list of epochs")
+    state.epoch, state.best_top1, state.history = int(saved["epoch"]), float(saved["best_top1"]), history
+    state.wall_seconds = float(saved.get("wall_seconds", 0.0))
+
+
+def _check_training_state(saved: dict[str, Any], path: Path | None) -> None:
+    for key, types in STATE_FIELDS.items():
+        if key not in saved:
+            raise CheckpointError(f"{path} is not a training state of this script: no {key!r} entry")
+        if not isinstance(saved[key], types) or isinstance(saved[key], bool):
+            raise CheckpointError(f"{path}: {key!r} is a {type(saved[key]).__name__}, not a training-state entry")
+    rng = saved["rng"]
+    if not (isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("numpy"), str)
+            and isinstance(rng.get("python"), str)):  # fmt: skip
+        raise CheckpointError(f"{path}: 'rng' does not hold the torch, numpy and python generator states")
+
+
+def _capture_rng() -> dict[str, Any]:
+    """The torch (and CUDA), NumPy and Python generator states; NumPy's and Python's as text (JSON and
+    ``repr``), since ``torch.load(weights_only=True)`` refuses NumPy arrays."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = json.dumps([kind, keys.tolist(), pos, has_gauss, cached])
+    rng = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, cached = json.loads(rng["numpy"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(ast.literal_eval(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checking a checkpoint's settings against this run
 
@@ -466,12 +728,42 @@ def saved_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, An
     """The token mixers' settings a checkpoint was trained (or converted) with, or None when unknown.
 
     train.py stores the whole config (``config["model"]["implicit_settings"]``); ``convert.py`` stores
-    ``reference_iterations`` in the metadata. Settings without ``activation`` (every checkpoint written
-    before F's activation became a setting, and every converted reference checkpoint) mean the paper's
-    GELU: saying so turns a missing-β load error into a structural mismatch with its flag.
+    ``reference_iterations`` in the metadata. See :func:`complete_settings` for settings it lacks.
     """
     settings = _recorded_implicit_settings(metadata, config)
-    return None if settings is None else {"activation": "gelu", **settings}
+    return None if settings is None else complete_settings(settings)
+
+
+def complete_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded settings with the ones they lack: ``activation`` absent means the paper's GELU (every
+    checkpoint written before F's activation became a setting, and every converted reference checkpoint);
+    a setting added later means its default, which is what those runs did."""
+    from examples.imixer.imixer import IMixerSettings  # the model module: torch and timm, loaded by train.py
+
+    return {**IMixerSettings().to_dict(), "activation": "gelu", **settings}
+
+
+def settings_to_resume(
+    parent: Path, experiment: str | None, resume: str | None, wanted: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The implicit settings of the checkpoint this invocation will load (nothing is created), or None.
+
+    The checkpoint is the one :func:`locate_run` (training) or :func:`checkpoint_to_evaluate` (``--eval-only``)
+    picks: ``resume`` as a path, the ``experiment`` folder's with ``resume="auto"``, or the latest run under
+    ``parent`` of ``wanted``'s identity (the settings this command would train with: that run has them). A
+    checkpoint named by its path or folder is continued, or evaluated, with the settings it was trained
+    with wherever no flag says otherwise; train.py builds the model with them.
+    """
+    if resume is None:
+        return None
+    if resume != "auto":
+        ref = resolve_checkpoint(resume)
+    else:
+        run_dir = parent / experiment if experiment else find_latest_run(parent, wanted)
+        if run_dir is None or not run_dir.is_dir() or read_manifest(run_dir) is None:
+            return None
+        ref = resolve_checkpoint(run_dir)
+    return saved_implicit_settings(ref.metadata(), ref.config())
 
 
 def _recorded_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, Any] | None) -> dict | None:
@@ -510,6 +802,31 @@ def implicit_mismatches(
     return structural, numerical
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def check_compatible(ref: CheckpointRef, model: torch.nn.Module, model_name: str, allow_mismatch: bool) -> list[str]:
+    """Compares the checkpoint's implicit settings (its stored config, or convert.py's metadata) and model name
+    with this run's.
+
+    Structural differences (:data:`STRUCTURAL_SETTINGS`: another function) refuse the checkpoint unless
+    ``allow_mismatch`` (``--allow-implicit-mismatch``); they, the numerical ones (solver, tolerance, budget,
+    gradient mode, power iterations) and another model name are returned, for one warning line.
+
+    Raises:
+        CheckpointError: A structural mismatch, naming the flags that would match the checkpoint.
+    """
+    metadata = ref.metadata()
+    saved = saved_implicit_settings(metadata, ref.config())
+    structural, numerical = implicit_mismatches(saved, getattr(unwrap_model(model), "implicit_settings", None))
+    if structural and not allow_mismatch:
+        flags = []
+        for key in STRUCTURAL_SETTINGS:
+            if any(text.startswith(f"{key} ") for text in structural):
+                flag = "--" + key.replace("_", "-")  # train.py's flag of the setting
+                flags.append(f"no {flag}" if saved[key] is None else f"{flag} {saved[key]}")
+        raise CheckpointError(
+            f"{ref.label} was trained with other implicit settings: {'; '.join(structural)}; pass the same flags "
+            f"({', '.join(flags)}) or --allow-implicit-mismatch to load it anyway"
+        )
+    saved_model = metadata.get("model")
+    if saved_model and saved_model != model_name:
+        numerical.append(f"model {saved_model} (checkpoint) vs {model_name} (now)")
+    return structural + numerical

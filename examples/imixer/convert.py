@@ -4,7 +4,7 @@
         --model imixer_s16_224 --num-classes 10 --reference-iterations 2
 
 The file is read with ``torch.load(weights_only=True)``; the keys are mapped by
-:func:`model.convert_reference_state_dict` and checked by loading them (strictly) into the named model
+:func:`imixer.convert_reference_state_dict` and checked by loading them (strictly) into the named model
 before anything is written. Evaluate the result with
 ``train.py --eval-only --resume <out>.safetensors --model ... --reference-iterations n``.
 Bad input exits with status 2 and one line.
@@ -24,8 +24,9 @@ from timm.utils import ParseKwargs
 if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
+from examples.common import OneLineArgumentParser, UsageError, first_line
 from examples.imixer import imixer as imixer_model
-from examples.imixer.train import OneLineArgumentParser, UsageError, atomic_write
+from examples.imixer.checkpoints import atomic_write
 
 
 def convert(
@@ -39,7 +40,7 @@ def convert(
     try:
         checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling failures come in many types; all mean "not a usable checkpoint"
-        raise UsageError(f"cannot read {source}: {str(error).strip().splitlines()[0]}") from None
+        raise UsageError(f"cannot read {source}: {first_line(error)}") from None
     if not isinstance(checkpoint, dict):
         raise UsageError(f"{source} does not hold a state dict")
     state_dict = imixer_model.convert_reference_state_dict(checkpoint)
@@ -52,7 +53,7 @@ def convert(
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise UsageError(f"{source} does not fit {model_name}: {str(error).strip().splitlines()[0]}") from None
+        raise UsageError(f"{source} does not fit {model_name}: {first_line(error)}") from None
     tensors = {key: value.contiguous() for key, value in net.state_dict().items()}
     metadata = {"model": model_name, "source": source.name, "reference_iterations": str(reference_iterations)}
     atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata))
@@ -61,7 +62,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 2 with one line on bad input."""
-    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0], raise_errors=True)
     parser.add_argument("source", type=Path, help="reference checkpoint (.pth)")
     parser.add_argument("target", type=Path, help="output .safetensors")
     parser.add_argument("--model", default="imixer_s16_224")

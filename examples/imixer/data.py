@@ -1,4 +1,4 @@
-"""Datasets for the iMixer example: embedded digits, CIFAR-10/100, Food-101 and image folders.
+"""Datasets for the iMixer example: embedded digits, CIFAR-10/100, Food-101 and image folders; train.py's loaders.
 
 Every builder returns PIL images, so the same ``timm.data.create_transform`` pipelines (RandAugment,
 random erasing, interpolation, normalisation) apply to all of them. Missing or malformed data raise
@@ -11,13 +11,18 @@ are accepted (:func:`canonical`).
 from __future__ import annotations
 
 import os
+from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+import timm
 from PIL import Image
-from torch.utils.data import Dataset
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from examples.common import UsageError, first_line
 
 __all__ = [
     "DATASETS",
@@ -25,7 +30,9 @@ __all__ = [
     "DataError",
     "DatasetSplits",
     "DigitsDataset",
+    "Loaders",
     "build_datasets",
+    "build_loaders",
     "canonical",
     "patch_timm_posterize",
 ]
@@ -175,9 +182,71 @@ def build_datasets(
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as error:
         # torchvision reports a missing or corrupt dataset with RuntimeError; unpickling a malformed
         # batch file raises the others. Any of them means "the directory is not what we expected".
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = " (or pass --download)" if name != "imagefolder" else ""
-        raise DataError(f"cannot read {name} from {data_dir!r}: {first_line}; expected {LAYOUTS[name]}{hint}") from None
+        raise DataError(
+            f"cannot read {name} from {data_dir!r}: {first_line(error)}; expected {LAYOUTS[name]}{hint}"
+        ) from None
+
+
+@dataclass
+class Loaders:
+    """The data loaders and what the model must be built for."""
+
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+    num_classes: int
+    in_chans: int
+    img_size: int
+    train_images: int
+    val_images: int
+
+
+def build_loaders(args: Namespace, runtime: Any) -> Loaders:
+    """timm transforms at ``--img-size`` over train.py's dataset, sharded over DDP processes (``runtime``: its
+    ``Runtime``: device, rank and world size).
+
+    Each process loads ``--batch-size`` images per step (timm's convention), so the global batch is
+    ``batch_size × world_size``. The training sampler is a DistributedSampler even in one process, so one
+    process with batch 2B and two processes with batch B each see the same samples in every step: without
+    random augmentation, drop-path or mixup the results are the same up to float rounding (with them, each
+    process draws its own random numbers, so the runs are equivalent in distribution, not bit for bit).
+    """
+    cfg = timm.models.get_pretrained_cfg(args.model)
+    img_size = args.img_size if args.img_size is not None else cfg.input_size[-1]
+    in_chans = 1 if args.dataset == "digits" else 3
+    mean, std = (cfg.mean[0],) * in_chans, (cfg.std[0],) * in_chans
+    # Digits are not mirror-symmetric and only 8 pixels wide: no flips, mild crops.
+    hflip = args.hflip if args.hflip is not None else (0.0 if args.dataset == "digits" else 0.5)
+    scale = tuple(args.scale) if args.scale else ((0.8, 1.0) if args.dataset == "digits" else None)
+    common = {"input_size": (in_chans, img_size, img_size), "interpolation": cfg.interpolation, "mean": mean}
+    if args.aa:
+        patch_timm_posterize()  # timm + Pillow >= 11 raise on 0 posterize bits mid-training otherwise
+    try:
+        train_tf = create_transform(
+            **common, std=std, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale,
+            auto_augment=args.aa, re_prob=args.reprob, re_mode="pixel", color_jitter=0.0 if in_chans == 1 else 0.4,
+            crop_pct=1.0,
+        )  # fmt: skip
+    except (AssertionError, ValueError, KeyError, IndexError) as error:  # timm asserts on an unknown policy
+        where = f"--aa {args.aa!r}" if args.aa else "the training transform"
+        raise UsageError(f"{where}: {first_line(error)} (e.g. rand-m9-mstd0.5-inc1, augmix, original)") from None
+    eval_tf = create_transform(**common, std=std, is_training=False, crop_pct=cfg.crop_pct)
+    splits = build_datasets(args.dataset, args.data_dir, train_tf, eval_tf, download=args.dataset_download)
+    if args.num_classes is not None and args.num_classes != splits.num_classes:
+        raise UsageError(f"--num-classes {args.num_classes} does not match the {splits.num_classes} classes of "
+                         f"{args.dataset} (omit --num-classes to use the dataset's)")  # fmt: skip
+    per_process = args.batch_size
+    sampler = DistributedSampler(splits.train, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
+    if len(sampler) < per_process:
+        raise DataError(f"{len(splits.train)} training images give {len(sampler)} per process, fewer than one "
+                        f"batch of {per_process} (--batch-size is per process)")  # fmt: skip
+    loader_args = {"num_workers": args.workers, "pin_memory": runtime.device.type == "cuda"}
+    train = DataLoader(splits.train, per_process, sampler=sampler, drop_last=True, **loader_args)
+    # Evaluation shards without padding (DistributedSampler would repeat samples); counts are summed.
+    val_shard = Subset(splits.val, range(runtime.rank, len(splits.val), runtime.world_size))
+    val = DataLoader(val_shard, max(per_process, 64), shuffle=False, **loader_args)
+    return Loaders(train, val, sampler, splits.num_classes, in_chans, img_size, len(splits.train), len(splits.val))
 
 
 def _torchvision_splits(
@@ -242,9 +311,8 @@ def _rgb_loader(path: str) -> Image.Image:
 
 def corrupt_image_message(path: str, error: BaseException) -> str:
     """One line naming the unreadable image and what to do about it."""
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
-        f"cannot read image {path}: {reason}; remove or replace the file and restart "
+        f"cannot read image {path}: {first_line(error)}; remove or replace the file and restart "
         "(--resume auto continues from the last checkpoint)"
     )
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import implicitlayers as il
+from implicitlayers.errors import check_int_at_least
 from implicitlayers.implicit import check_compatible
 from implicitlayers.layers.invertible import make_activation
 from implicitlayers.lipschitz import check_spectral_norm_settings
@@ -81,6 +83,13 @@ REFERENCE_COMPUTATION: dict[str, Any] = {
     "z_init": "input",
     "activation": "gelu",
 }
+
+
+def _check_number(name: str, value: Any, accepted: str, ok: Callable[[float], bool]) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is a finite real number that is ``ok``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not ok(value):
+        raise ValueError(f"{name} must be a finite number {accepted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -144,17 +153,20 @@ class IMixerSettings:
     STRUCTURAL: ClassVar[tuple[str, ...]] = ("reference_iterations", "hidden_ratio", "coeff", "activation")
 
     def __post_init__(self) -> None:
+        """Validates every field, used or not by the chosen gradient mode, naming it."""
         n = self.reference_iterations
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError(f"reference_iterations must be an integer >= 0, got {n!r}")
-        if (
-            isinstance(self.hidden_ratio, bool)
-            or not isinstance(self.hidden_ratio, (int, float))
-            or self.hidden_ratio <= 0
-        ):
-            raise ValueError(f"hidden_ratio must be a number > 0, got {self.hidden_ratio!r}")
-        make_activation(self.activation)
+        _check_number("hidden_ratio", self.hidden_ratio, "> 0", lambda v: v > 0)
+        # (1 - F)^{-1} needs F near a contraction: each of its linear layers' norms is bounded below 1.
+        _check_number("coeff", self.coeff, "> 0 and < 1", lambda v: 0 < v < 1)
         check_spectral_norm_settings(self.coeff, self.n_power_iterations)
+        make_activation(self.activation)
+        check_int_at_least("jacobian_penalty", self.jacobian_penalty, 0)
+        # The fields of every gradient mode are checked, not only the chosen one's.
+        il.IFT(self.backward_solver, self.backward_max_iter, self.backward_tol, self.backward_start)
+        il.Shine(self.shine_refine, self.backward_solver, self.backward_tol)
+        il.Phantom(steps=self.phantom_steps)
         options = self.layer_options()  # builds, hence validates, the solver, budgets and gradient mode
         check_compatible(il.as_solver(options["solver"]), options["backward"])
 
@@ -164,12 +176,14 @@ class IMixerSettings:
 
         Args:
             reference_iterations: If given, the reference implementation's fixed iteration count n; it
-                overrides solver, backward, tol, coeff, n_power_iterations, z_init and activation (and
-                sets max_iter = n).
+                sets solver, backward, tol, coeff, n_power_iterations, z_init and activation to the reference
+                loop's (:data:`REFERENCE_COMPUTATION`) and max_iter to n; another value for any of them is an
+                error.
             **overrides: Any field; ``None`` values keep the default.
 
         Raises:
-            ValueError: For an unknown field or an invalid value, naming it.
+            ValueError: For an unknown field, an invalid value, or an option that ``reference_iterations``
+                fixes given another value, naming it.
         """
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(overrides) - set(known))
@@ -179,7 +193,15 @@ class IMixerSettings:
         if reference_iterations is not None:
             if isinstance(reference_iterations, bool) or not isinstance(reference_iterations, int):
                 raise ValueError(f"reference_iterations must be an integer >= 0, got {reference_iterations!r}")
-            values.update(REFERENCE_COMPUTATION, max_iter=max(reference_iterations, 1))
+            fixed = {**REFERENCE_COMPUTATION, "max_iter": max(reference_iterations, 1)}
+            # An option the reference loop fixes, asked for with another value, would be silently dropped.
+            conflicts = [f"{key}={values[key]!r}" for key in fixed if key in values and values[key] != fixed[key]]
+            if conflicts:
+                raise ValueError(
+                    f"{', '.join(conflicts)} conflict with reference_iterations={reference_iterations}, whose "
+                    f"loop fixes {', '.join(f'{k}={v!r}' for k, v in fixed.items())}; drop one or the other"
+                )
+            values.update(fixed)
         return cls(**values, reference_iterations=reference_iterations)
 
     @classmethod

@@ -1,7 +1,9 @@
-"""What the iMixer ``train.py`` records: solver statistics, per-step records, metrics files, TensorBoard, a plot.
+"""What the iMixer ``train.py`` records: the lines it prints, metrics files, TensorBoard, a plot.
 
-* :class:`SolverMeter` accumulates each block's solver statistics (forward in training, backward in
-  training, forward in evaluation) on the device and synchronises once when asked for the totals.
+The solver statistics they report are :class:`examples.imixer.engine.SolverMeter`'s.
+
+* :func:`describe_model`, :func:`epoch_line` and :func:`solver_line` are the lines printed at the start, after
+  each epoch and by ``--eval-only``.
 * :func:`step_record` is the one-line progress record printed every ``--log-interval`` steps when the output
   is not a terminal (nohup, SLURM), in the spirit of timm's ``Train: epoch [step/steps (pct)] Loss ...``.
 * :func:`write_metrics` rewrites ``metrics.jsonl`` and ``metrics.csv`` from the run's history.
@@ -20,124 +22,65 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+import implicitlayers as il
 from examples.imixer.checkpoints import atomic_write, atomic_write_text
 
 __all__ = [
-    "SOLVER_PHASES",
-    "SolverMeter",
     "TensorBoardLog",
+    "describe_model",
+    "epoch_line",
     "plot_training",
+    "solver_line",
     "step_record",
     "tensorboard_available",
     "write_metrics",
 ]
 
-# Phases of the solver statistics and the prefix of their metric names.
-SOLVER_PHASES = {"forward": "fwd", "backward": "bwd", "eval": "val_fwd"}
-# Per phase: [sum of iterations over rows, max iterations, max residual, unconverged rows, rows]
-_SUM, _MAX_ITERS, _MAX_RESIDUAL, _UNCONVERGED, _ROWS = range(5)
+
+def describe_model(model: nn.Module) -> str:
+    """One line naming the model's size and its token-mixer settings."""
+    text = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    settings = getattr(model, "implicit_settings", None)
+    if settings:
+        keys = ("solver", "backward", "tol", "max_iter", "coeff", "n_power_iterations", "hidden_ratio")
+        text += ", token mixer: " + ", ".join(f"{key}={settings[key]}" for key in keys)
+        if settings["reference_iterations"] is not None:
+            text += f", reference_iterations={settings['reference_iterations']}"
+        text += f" (Lipschitz bound of F: {il.lipschitz_bound(model.implicit_layers()[0].g):.3f})"
+    return text
 
 
-def implicit_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's implicit layers, one per block (empty for the vanilla Mixer)."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    layers = getattr(model, "implicit_layers", None)
-    return list(layers()) if callable(layers) else []
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """The line printed after each epoch: loss, top-1, time, throughput and (for iMixers) solver iterations."""
+    line = (f"epoch {metrics['epoch']:3d}/{epochs}  loss {metrics['train_loss']:.4f}  "
+            f"val top-1 {metrics['val_top1']:6.2f}%  {metrics['epoch_seconds']:.1f}s  "
+            f"{metrics['images_per_second']:.0f} img/s")  # fmt: skip
+    if "fwd_iters_mean" in metrics:
+        for label, prefix in (("fwd iters", "fwd"), ("bwd", "bwd"), ("val", "val_fwd")):
+            if f"{prefix}_iters_mean" in metrics:
+                line += f"  {label} {metrics[f'{prefix}_iters_mean']:.1f}/{metrics[f'{prefix}_iters_max']:.0f}"
+        line += f"  unconverged {metrics['fwd_unconverged']:.1%}"
+    return line
 
 
-class SolverMeter:
-    """Per-block solver statistics accumulated on the device over many batches.
-
-    Rows are the layer's solve rows (for the token mixer: batch × channels). Iterations are evaluations of
-    F per row (``SolverResult.nstep``); a row is unconverged when its residual missed the tolerance. Reference
-    mode (tolerance 0, a fixed number of steps) has no tolerance to miss: its rows count as converged, as in
-    ``IMixer.solver_stats``.
-
-    Args:
-        blocks: Number of implicit layers.
-        device: Where the running totals live.
-    """
-
-    def __init__(self, blocks: int, device: torch.device) -> None:
-        self.blocks = blocks
-        self.device = device
-        self.totals = {phase: torch.zeros(blocks, 5, dtype=torch.float64, device=device) for phase in SOLVER_PHASES}
-        self.seen = dict.fromkeys(SOLVER_PHASES, False)
-
-    def add(self, model: nn.Module, phase: str) -> None:
-        """Adds the last forward's (``forward``/``eval``) or backward's (``backward``) statistics."""
-        for index, layer in enumerate(implicit_layers(model)):
-            result = layer.backward_stats if phase == "backward" else layer.stats
-            if result is None:
-                continue
-            nstep = result.nstep.reshape(-1).to(torch.float64)
-            # A fixed budget (the reference loop, tol 0) ran what it was asked: Status.budget, no failure.
-            unconverged = (~result.succeeded).reshape(-1).sum().to(torch.float64)
-            row = self.totals[phase][index]
-            row[_SUM] += nstep.sum()
-            row[_MAX_ITERS] = torch.maximum(row[_MAX_ITERS], nstep.max())
-            row[_MAX_RESIDUAL] = torch.maximum(row[_MAX_RESIDUAL], result.residual.detach().max().to(torch.float64))
-            row[_UNCONVERGED] += unconverged
-            row[_ROWS] += nstep.numel()
-            self.seen[phase] = True
-
-    def reduce(self, distributed: bool) -> None:
-        """Sums (and maxes) the totals over DDP processes, for evaluation over a sharded validation set."""
-        if not distributed:
-            return
-        import torch.distributed as dist
-
-        for phase, totals in self.totals.items():
-            sums = totals[:, [_SUM, _UNCONVERGED, _ROWS]].contiguous()
-            maxes = totals[:, [_MAX_ITERS, _MAX_RESIDUAL]].contiguous()
-            dist.all_reduce(sums)
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-            totals[:, [_SUM, _UNCONVERGED, _ROWS]] = sums
-            totals[:, [_MAX_ITERS, _MAX_RESIDUAL]] = maxes
-            seen = torch.tensor([1.0 if self.seen[phase] else 0.0], device=self.device)
-            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-            self.seen[phase] = bool(seen.item())
-
-    def metrics(self, phases: Sequence[str]) -> dict[str, float]:
-        """Flat metrics for ``phases``: per block ``<p>_iters_b<i>`` (mean), ``<p>_iters_max_b<i>``,
-        ``<p>_residual_max_b<i>``, ``<p>_unconverged_b<i>`` (fraction of rows), and over the blocks
-        ``<p>_iters_mean`` (mean of block means), ``<p>_iters_max``, ``<p>_residual_max``, ``<p>_unconverged``
-        (largest block fraction), where ``<p>`` is ``fwd``, ``bwd`` or ``val_fwd``. One synchronisation."""
-        out: dict[str, float] = {}
-        for phase in phases:
-            if not self.seen[phase]:
-                continue
-            prefix = SOLVER_PHASES[phase]
-            table = self.totals[phase].tolist()
-            used = [(index, row) for index, row in enumerate(table) if row[_ROWS] > 0]
-            for index, row in used:
-                out[f"{prefix}_iters_b{index}"] = row[_SUM] / row[_ROWS]
-                out[f"{prefix}_iters_max_b{index}"] = row[_MAX_ITERS]
-                out[f"{prefix}_residual_max_b{index}"] = row[_MAX_RESIDUAL]
-                out[f"{prefix}_unconverged_b{index}"] = row[_UNCONVERGED] / row[_ROWS]
-            out[f"{prefix}_iters_mean"] = sum(row[_SUM] / row[_ROWS] for _, row in used) / len(used)
-            out[f"{prefix}_iters_max"] = max(row[_MAX_ITERS] for _, row in used)
-            out[f"{prefix}_residual_max"] = max(row[_MAX_RESIDUAL] for _, row in used)
-            out[f"{prefix}_unconverged"] = max(row[_UNCONVERGED] / row[_ROWS] for _, row in used)
-        return out
+def solver_line(metrics: dict[str, Any], prefix: str) -> str:
+    """``iterations mean/max 4.0/6 (per block 4.0/5 3.9/6 ...) ...`` for one phase's metrics (empty for the Mixer)."""
+    if f"{prefix}_iters_mean" not in metrics:
+        return ""
+    blocks = sorted(int(key.rsplit("_b", 1)[1]) for key in metrics if key.startswith(f"{prefix}_iters_b"))
+    per_block = " ".join(f"{metrics[f'{prefix}_iters_b{b}']:.1f}/{metrics[f'{prefix}_iters_max_b{b}']:.0f}"
+                         for b in blocks)  # fmt: skip
+    return (f"iterations mean/max {metrics[f'{prefix}_iters_mean']:.1f}/{metrics[f'{prefix}_iters_max']:.0f} "
+            f"(per block {per_block}), unconverged {metrics[f'{prefix}_unconverged']:.1%}, "
+            f"max residual {metrics[f'{prefix}_residual_max']:.2e}")  # fmt: skip
 
 
 def step_record(
-    *,
-    epoch: int,
-    epochs: int,
-    step: int,
-    steps: int,
-    loss: float,
-    loss_avg: float,
-    lr: float,
-    seconds_per_step: float,
-    images_per_second: float,
-    solver: dict[str, float],
-) -> str:
+    *, epoch: int, epochs: int, step: int, steps: int, loss: float, loss_avg: float, lr: float,
+    seconds_per_step: float, images_per_second: float, solver: dict[str, float],
+) -> str:  # fmt: skip
     """One line of training progress (timm style), e.g.
     ``Train: 3/20 [  50/220 ( 23%)]  loss 0.812 (0.934)  lr 3.95e-03  0.081 s/step  1580 img/s  fwd 4.0/6  bwd 3.1/5``.
 
@@ -166,7 +109,9 @@ def write_metrics(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
     """Rewrites ``metrics.jsonl`` (one JSON object per epoch) and ``metrics.csv`` (one row per epoch, a column
     per key; empty where an epoch lacks one) from the whole history, each atomically.
 
-    Rewriting from the checkpointed history means a resumed run never repeats or loses an epoch's line.
+    Rewriting from the checkpointed history means a resumed run never repeats or loses an epoch's line. timm's
+    ``update_summary`` appends a row per call, in place (a run resumed from a checkpoint older than the file's
+    last row would repeat epochs, and a crash mid-write tears the file), under its own ``train_``/``eval_`` names.
     """
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
     buffer = io.StringIO()

@@ -2,8 +2,8 @@
 
     python examples/imixer/measure_recipe.py                  # writes examples/imixer/recipes/cifar10_t4_32.json
 
-It runs ``train.py``'s own pieces with the recipe's exact flags (``train.parse_args``, ``build_loaders``,
-``build_model``, ``build_state``, then ``train_step`` and ``evaluate``) over a small CIFAR-10-format folder of
+It runs ``train.py``'s own pieces with the recipe's exact flags (``train.parse_args``, ``data.build_loaders``,
+``build_model``, ``build_state``, then ``train_step`` and ``validate``) over a small CIFAR-10-format folder of
 random 32×32 images written to a temporary directory, so it needs neither the real data set nor a download, on
 the GPU when there is one and else on the CPU. Per
 model it records the median and mean seconds of a training step (forward, loss, backward, clipping, optimiser,
@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import random_seed
 
 if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from examples.imixer import train
+from examples.common import OneLineArgumentParser, UsageError, int_range
+from examples.imixer import checkpoints, data, train
 
 RECIPE = "cifar10_t4_32"
 MODELS = ("imixer_t4_32", "mixer_t4_32")
@@ -109,8 +111,8 @@ def measure_model(model_name: str, flags: list[str], data_dir: Path, steps: int,
     args = train.parse_args(argv)
     runtime = train.Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     train.set_threads(args, runtime)
-    train.seed_everything(args.seed)
-    loaders = train.build_loaders(args, runtime)
+    random_seed(args.seed)
+    loaders = data.build_loaders(args, runtime)
     model = train.build_model(args, loaders).to(runtime.device)
     state = train.build_state(args, model, len(loaders.train), runtime.device)
     mixup = train.build_mixup(args, loaders.num_classes)
@@ -126,15 +128,14 @@ def measure_model(model_name: str, flags: list[str], data_dir: Path, steps: int,
             iterator = iter(loaders.train)
             images, target = next(iterator)
         loaded = time.perf_counter()
-        train.train_step(args, state, images, target, loss_fn, mixup, runtime, step)
-        state.scheduler.step_update(num_updates=step + 1)
+        train.train_step(runtime, state, images, target, loss_fn, mixup, step)  # steps the schedule too
         _synchronize(runtime.device)
         done = time.perf_counter()
         if step >= warmup:
             data_seconds.append(loaded - start)
             step_seconds.append(done - loaded)
     start = time.perf_counter()
-    metrics = train.evaluate(args, model, loaders.val, runtime)
+    metrics = train.validate(args, model, loaders.val, runtime)
     eval_seconds = time.perf_counter() - start
     step_median = statistics.median(step_seconds)
     data_mean = statistics.fmean(data_seconds)
@@ -251,23 +252,23 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit status 2 with one line on bad input."""
-    parser = train.OneLineArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = OneLineArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter, raise_errors=True
     )
-    parser.add_argument("--steps", type=train.int_range(1), default=20, help="measured training steps per model")
-    parser.add_argument("--warmup", type=train.int_range(0), default=3, help="unmeasured steps first")
-    parser.add_argument("--threads", type=train.int_range(1), default=None, help="torch CPU threads (None: torch's)")
+    parser.add_argument("--steps", type=int_range(1), default=20, help="measured training steps per model")
+    parser.add_argument("--warmup", type=int_range(0), default=3, help="unmeasured steps first")
+    parser.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads (None: torch's)")
     parser.add_argument("--no-amp", action="store_true", help="measure float32 instead of the recipe's --amp")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON to write")
     try:
         args = parser.parse_args(argv)
         command = " ".join(["python examples/imixer/measure_recipe.py", *(sys.argv[1:] if argv is None else argv)])
         result = measure(args.steps, args.warmup, args.threads, amp=not args.no_amp, command=command)
-    except (train.UsageError, train.data.DataError) as error:
+    except (UsageError, data.DataError) as error:
         print(f"measure_recipe.py: error: {error}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    train.ckpt.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    checkpoints.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     for name, m in result["models"].items():
         print(f"{name}: {m['train_step_seconds_median']:.3f} s/step (batch {result['batch_size']}, "
               f"{m['train_images_per_second']:.0f} img/s), data {m['data_seconds_per_step_mean']:.3f} s/step, "

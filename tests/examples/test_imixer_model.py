@@ -172,7 +172,7 @@ def test_the_default_solves_the_adjoint_to_the_forward_tolerance() -> None:
 
 
 def test_reference_mode_runs_exactly_n_picard_steps() -> None:
-    net = timm.create_model("imixer_t2_8", reference_iterations=3, solver="broyden", tol=1e-2, **TINY)
+    net = timm.create_model("imixer_t2_8", reference_iterations=3, solver="picard", **TINY)  # its own solver: fine
     layer = net.implicit_layers()[0]
     assert (layer.solver, layer.backward, layer.tol, layer.max_iter) == (il.Picard(), il.Unrolled(), 0.0, 3)
     assert layer.g[1].parametrizations.weight[0].n_power_iterations == 8
@@ -330,10 +330,13 @@ def test_levers_beyond_the_paper_reach_the_token_mixers_and_leave_the_reference_
     assert net.implicit_settings["activation"] == "lipswish"
     net(torch.randn(2, 1, 8, 8)).sum().backward()
     assert all(s["unconverged"] == 0.0 for s in net.solver_stats())
-    # The reference computation is the paper's, whatever lever is asked for.
-    reference = timm.create_model("imixer_t2_8", activation="lipswish", reference_iterations=2)
+    # The reference computation is the paper's: a lever it fixes, asked for too, is an error (not dropped).
+    reference = timm.create_model("imixer_t2_8", reference_iterations=2)
     assert reference.implicit_settings["activation"] == "gelu"
     assert all(isinstance(layer.g[0], torch.nn.GELU) for layer in reference.implicit_layers())
+    for option in ({"activation": "lipswish"}, {"solver": "broyden"}, {"tol": 1e-2}, {"max_iter": 30}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}=.* conflict with reference_iterations=2"):
+            timm.create_model("imixer_t2_8", reference_iterations=2, **option)
     with pytest.raises(ValueError, match="activation must be one of"):
         timm.create_model("imixer_t2_8", activation="softmax")
 

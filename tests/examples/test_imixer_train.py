@@ -29,7 +29,8 @@ from PIL import Image
 from timm.layers import DropPath
 
 train = pytest.importorskip("examples.imixer.train")
-from examples.imixer import checkpoints  # noqa: E402  (after the importorskip)
+from examples.imixer import checkpoints, engine  # noqa: E402  (after the importorskip)
+from examples.imixer.data import build_loaders  # noqa: E402
 
 SCRIPT = Path(train.__file__).resolve()
 # One thread: on a small shared machine two OpenMP threads of tiny matrices wait on each other.
@@ -190,7 +191,7 @@ def probe_run(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path,
             probe.rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         return train_one_epoch(args, state, *rest)
 
-    def step(*args):  # (args, state, images, target, loss_fn, mixup, runtime, step)
+    def step(*args):  # (runtime, state, images, target, loss_fn, mixup, step)
         probe.loader_images.append(args[2].clone())
         return train_step(*args)
 
@@ -248,12 +249,12 @@ def probe_run(tmp_path: Path, *args: str, name: str = "run") -> tuple[int, Path,
 
 def first_batch(argv: list[str], rng: tuple) -> torch.Tensor:
     """The images of the first training batch that the loader of ``argv`` yields from the generator states ``rng``."""
-    loaders = train.build_loaders(train.parse_args(argv), train.Runtime(torch.device("cpu")))
+    loaders = build_loaders(train.parse_args(argv), train.Runtime(torch.device("cpu")))
     loaders.train_sampler.set_epoch(0)
     torch.set_rng_state(rng[0])
     np.random.set_state(rng[1])
     random.setstate(rng[2])
-    with train.batches(loaders.train) as iterator:
+    with engine.batches(loaders.train) as iterator:
         return next(iterator)[0]
 
 

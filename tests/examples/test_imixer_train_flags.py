@@ -6,7 +6,9 @@ size, augmentation policy, optimiser creation) build digits, which is bundled an
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -14,6 +16,7 @@ from tests.examples.test_imixer_train import TINY, _skip_plots, run_main  # noqa
 
 train = pytest.importorskip("examples.imixer.train")
 from examples.imixer import logs  # noqa: E402
+from examples.imixer.imixer import IMixerSettings  # noqa: E402
 
 # (flags, what the one-line message must contain): each names the flag and what it accepts.
 BAD_FLAGS = [
@@ -64,6 +67,10 @@ BAD_FLAGS = [
     (["--coeff", "0"], "argument --coeff"),
     (["--n-power", "0"], "argument --n-power: expected an integer >= 1"),
     (["--reference-iterations", "-1"], "argument --reference-iterations: expected an integer >= 0"),
+    (
+        ["--reference-iterations", "2", "--solver", "broyden"],
+        "argument --reference-iterations/--solver: solver='broyden' conflict with reference_iterations=2",
+    ),
     (["--backward-solver", "newton"], "unknown backward solver 'newton'"),
     (["--backward-max-iter", "0"], "argument --backward-max-iter: expected an integer >= 1"),
     (["--backward-tol", "-1"], "argument --backward-tol: expected a finite number >= 0"),
@@ -108,7 +115,8 @@ def test_every_bad_flag_exits_2_with_one_line_naming_it(tmp_path, capsys, flags:
         ["--reprob", "1", "--hflip", "0", "--smoothing", "0", "--mixup", "0", "--cutmix", "0"],
         ["--scale", "1", "1", "--drop-path", "0", "--weight-decay", "0", "--warmup-lr", "0", "--min-lr", "0"],
         ["--lr", "1e-5", "--min-lr", "1e-5", "--seed", str(2**32 - 1), "-j", "0", "--log-interval", "0"],
-        ["--reference-iterations", "0", "--tol", "0", "--coeff", "0.999", "--max-iter", "1", "--n-power", "1"],
+        ["--reference-iterations", "0"],
+        ["--tol", "0", "--coeff", "0.999", "--max-iter", "1", "--n-power", "1"],
         ["--opt", "SGD", "--sched", "step", "--model-ema-decay", "0.5", "--clip-grad", "1e-3"],
         ["--opt", "lookahead_adamw", "--sched", "constant"],
     ],
@@ -137,6 +145,14 @@ def test_help_shows_the_defaults() -> None:
     ]  # fmt: skip
     for expected in expected_texts:
         assert expected in text, expected
+    # The implicit flags (IMixerSettings' fields) show the settings' real defaults, not "None" (they parse to None
+    # when not given, so that the model's own defaults apply).
+    defaults = IMixerSettings()
+    for setting in dataclasses.fields(IMixerSettings):
+        flag = "--" + setting.name.replace("_", "-")
+        described = text.split(f" {flag} ", 1)[-1] if setting.type != "bool" else text.split(f" {flag}, ", 1)[-1]
+        shown = re.search(r"\(default: ([^)]*)\)", described)
+        assert shown and shown.group(1) == str(getattr(defaults, setting.name)), (flag, described[:200])
 
 
 def test_tensorboard_requested_but_not_installed_is_one_line(tmp_path, capsys, monkeypatch) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.examples.test_imixer_train import TINY, _skip_plots, real_plots, run_main  # noqa: F401  (fixtures)
 
 train = pytest.importorskip("examples.imixer.train")
-from examples.imixer import data, logs  # noqa: E402
+from examples.imixer import data, engine, logs  # noqa: E402
 
 TWO_BLOCKS = ["--model-kwargs", "embed_dim=8", "num_blocks=2"]
 
@@ -31,9 +31,8 @@ def history(output: Path) -> list[dict]:
 
 
 def test_log_interval_prints_a_record_every_n_steps_when_not_a_terminal(tmp_path: Path, capsys) -> None:
-    # IFT, so that the records have an adjoint solve to report (the default's SHINE gradient solves none).
-    status, _ = run_main(tmp_path, "--epochs", "1", "--log-interval", "4", "--backward", "ift", *TWO_BLOCKS,
-                         name="records")  # fmt: skip
+    # The default's IFT gradient: the records have an adjoint solve to report.
+    status, _ = run_main(tmp_path, "--epochs", "1", "--log-interval", "4", *TWO_BLOCKS, name="records")
     assert status == 0
     records = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Train: ")]
     # digits: 1437 training images, batch 128 → 11 steps; records at 4, 8 and the last step.
@@ -43,9 +42,9 @@ def test_log_interval_prints_a_record_every_n_steps_when_not_a_terminal(tmp_path
         for field in ("loss ", "lr ", " s/step", " img/s", "  fwd ", "  bwd "):
             assert field in line, (field, line)
 
-    assert run_main(tmp_path, "--epochs", "1", "--log-interval", "11", name="default")[0] == 0
+    assert run_main(tmp_path, "--epochs", "1", "--log-interval", "11", "--backward", "shine", name="shine")[0] == 0
     (record,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Train: ")]
-    assert "  fwd " in record and "  bwd " not in record  # no adjoint solve, nothing invented
+    assert "  fwd " in record and "  bwd " not in record  # SHINE without refinement: no adjoint solve, none invented
 
     assert run_main(tmp_path, "--epochs", "1", "--log-interval", "0", name="quiet")[0] == 0
     assert "Train: " not in capsys.readouterr().out
@@ -113,7 +112,7 @@ def test_solver_meter_agrees_with_the_models_own_solver_stats() -> None:
     """Batch by batch, the meter's per-block means equal IMixer.solver_stats() averaged over rows."""
     torch.manual_seed(0)
     net = timm.create_model("imixer_t2_8", num_classes=10, embed_dim=8, num_blocks=2, backward="ift")
-    meter = logs.SolverMeter(2, torch.device("cpu"))
+    meter = engine.SolverMeter(2, torch.device("cpu"))
     expected_sum, expected_max = np.zeros(2), np.zeros(2)
     rows = 0
     net.train()

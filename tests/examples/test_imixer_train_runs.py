@@ -162,10 +162,10 @@ def test_config_is_saved_in_the_folder_and_in_every_checkpoint(one_epoch: Path) 
     config = json.loads((output / "config.json").read_text())
     assert yaml.safe_load((output / "args.yaml").read_text()) == config
     assert config["seed"] == 0 and config["args"]["drop_path"] == 0.1 and config["args"]["lr"] == 4e-3
-    assert config["args"]["tol"] is None  # the flag as given; the model's resolved value is below
+    assert config["args"]["settings"] == {}  # the implicit flags as given (none); the model's resolved values below
     settings = config["model"]["implicit_settings"]
     assert settings["tol"] == 1e-2 and settings["solver"] == "anderson" and settings["reference_iterations"] is None
-    assert (settings["backward"], settings["activation"]) == ("shine", "lipswish")  # the library's defaults
+    assert (settings["backward"], settings["activation"]) == ("ift", "gelu")  # the model's defaults: the paper's
     assert settings["hidden_ratio"] == 2.0 and settings["max_iter"] == 30
     assert set(config["versions"]) >= {"torch", "timm", "implicitlayers"}
     assert config["versions"]["torch"] == torch.__version__
@@ -188,25 +188,29 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
-def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, tmp_path: Path, capsys) -> None:
+def test_a_checkpoint_is_evaluated_and_resumed_with_its_own_structural_settings(
+    reference_run: Path, tmp_path: Path, capsys
+) -> None:
     best = str(reference_run / "best")
-    assert train.main([*TINY, "--eval-only", "--resume", best]) == 2
+    # No flag: the checkpoint's settings (here the reference loop, reference_iterations 2).
+    assert train.main([*TINY, "--eval-only", "--resume", best]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "(after epoch 1)" in captured.out
+
+    # A flag naming another function is refused, in one line naming the flag that would match.
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--reference-iterations", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "reference_iterations 2 (checkpoint) vs None (now)" in err
     assert "--reference-iterations 2" in err and "--allow-implicit-mismatch" in err
 
-    assert train.main([*TINY, "--eval-only", "--resume", best, "--reference-iterations", "2"]) == 0
-    captured = capsys.readouterr()
-    assert captured.err == "" and "(after epoch 1)" in captured.out
-
-    # The flag loads the weights into the solved map of the same F (the paper's GELU)...
-    assert (
-        train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch", "--activation", "gelu"]) == 0
-    )
+    # Allowed, the weights load into the solved map of the same F (the paper's GELU)...
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--reference-iterations", "none",
+                       "--allow-implicit-mismatch"]) == 0  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("train.py: warning:") and "reference_iterations" in err
-    # ... but not into the default's LipSwish F, whose β the checkpoint lacks: refused, one error line.
-    assert train.main([*TINY, "--eval-only", "--resume", best, "--allow-implicit-mismatch"]) == 2
+    # ... but not into a LipSwish F, whose β the checkpoint lacks: refused, one error line.
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--reference-iterations", "none",
+                       "--activation", "lipswish", "--allow-implicit-mismatch"]) == 2  # fmt: skip
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("train.py: error:") and "does not match model imixer_t2_8" in lines[-1]
 
@@ -216,18 +220,27 @@ def test_a_reference_checkpoint_is_refused_in_solved_mode(reference_run: Path, t
     assert "reference_iterations 2 (checkpoint) vs 3 (now)" in capsys.readouterr().err
 
 
-def test_an_activation_lever_is_recorded_and_checked_as_structural(tmp_path: Path, capsys) -> None:
-    status, output = run_main(tmp_path, "--epochs", "1", "--activation", "gelu", "--backward", "ift")
+def test_a_run_of_earlier_defaults_resumes_and_evaluates_with_its_settings(tmp_path: Path, capsys) -> None:
+    # Runs saved under the earlier default (LipSwish in F, SHINE gradients) record those settings: they
+    # evaluate and resume as trained, with no flag; a flag for the paper's GELU is refused as another F.
+    status, output = run_main(tmp_path, "--epochs", "1", "--activation", "lipswish", "--backward", "shine")
     assert status == 0
     settings = json.loads((output / "config.json").read_text())["model"]["implicit_settings"]
-    assert settings["activation"] == "gelu" and settings["backward"] == "ift"
+    assert settings["activation"] == "lipswish" and settings["backward"] == "shine"
     capsys.readouterr()
     best = str(output / "best")
-    assert train.main([*TINY, "--eval-only", "--resume", best]) == 2  # the function F differs: refused
+    assert train.main([*TINY, "--eval-only", "--resume", best]) == 0
+    assert capsys.readouterr().err == ""
+    assert train.main([*TINY, "--eval-only", "--resume", best, "--activation", "gelu"]) == 2  # another F
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "activation gelu (checkpoint) vs lipswish (now)" in err
-    assert "--activation gelu" in err
-    assert train.main([*TINY, "--eval-only", "--resume", best, "--activation", "gelu"]) == 0
+    assert len(err.splitlines()) == 1 and "activation lipswish (checkpoint) vs gelu (now)" in err
+    assert "--activation lipswish" in err
+    # Training goes on in the same folder with the run's own settings, with no warning.
+    assert run_main(tmp_path, "--epochs", "2", "--resume", "auto", name="run")[0] == 0
+    assert capsys.readouterr().err == ""
+    assert [entry["epoch"] for entry in history(output)] == [1, 2]
+    resumed = json.loads(saved_state(output)["config"])["model"]["implicit_settings"]
+    assert (resumed["activation"], resumed["backward"]) == ("lipswish", "shine")
 
 
 def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Path, capsys) -> None:
@@ -236,7 +249,7 @@ def test_numerical_setting_changes_warn_and_go_on(tmp_path: Path, one_epoch: Pat
     assert run_main(tmp_path, "--epochs", "2", "--resume", "auto", "--tol", "1e-4", "--backward", "jfb")[0] == 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tol 0.01 (checkpoint) vs 0.0001 (now)" in err
-    assert "backward shine (checkpoint) vs jfb (now)" in err
+    assert "backward ift (checkpoint) vs jfb (now)" in err
     assert json.loads(saved_state(output)["config"])["model"]["implicit_settings"]["tol"] == 1e-4
 
 
@@ -245,13 +258,15 @@ def test_converted_weights_carry_reference_iterations(tmp_path: Path, reference_
     tensors = weights(reference_run)
     converted = tmp_path / "converted.safetensors"
     safetensors.torch.save_file(tensors, str(converted), {"model": "imixer_t2_8", "reference_iterations": "2"})
-    assert train.main([*TINY, "--eval-only", "--resume", str(converted)]) == 2
-    err = capsys.readouterr().err
-    assert "reference_iterations 2 (checkpoint) vs None (now)" in err
-    # Settings that predate the activation lever mean the paper's GELU: named, not a missing-key error.
-    assert "activation gelu (checkpoint) vs lipswish (now)" in err and "--activation gelu" in err
-    assert train.main([*TINY, "--eval-only", "--resume", str(converted), "--reference-iterations", "2"]) == 0
+    assert train.main([*TINY, "--eval-only", "--resume", str(converted)]) == 0  # as converted: the loop, n = 2
     assert "epoch unknown" in capsys.readouterr().out
+    assert train.main([*TINY, "--eval-only", "--resume", str(converted), "--reference-iterations", "none"]) == 2
+    assert "reference_iterations 2 (checkpoint) vs None (now)" in capsys.readouterr().err
+    # The converted loop computes with GELU: another activation is refused, not silently dropped.
+    assert train.main([*TINY, "--eval-only", "--resume", str(converted), "--activation", "lipswish"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint's settings disagree: activation='lipswish' conflict with reference_iterations=2" in err
+    assert "activation='gelu'" in err and len(err.strip().splitlines()) == 1
     # Weights alone cannot resume training: one line saying so.
     assert run_main(tmp_path, "--resume", str(converted), "--reference-iterations", "2")[0] == 2
     assert "can be evaluated (--eval-only) but not resumed" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The invertible residual flow example: ``examples/flows/train.py`` (the script)."""
