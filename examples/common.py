@@ -1,4 +1,5 @@
-"""What the example scripts share: one-line command-line errors, argparse types, flags from a dataclass.
+"""What the example scripts share: one-line command-line errors, argparse types, flags from a dataclass, and
+the record of the machine a measurement ran on.
 
 Every script reports bad input as one line, ``<prog>: error: <message>``, with exit status 2 and no traceback
 or usage block, so that a log or a CI run shows what was wrong in one place.
@@ -11,9 +12,13 @@ import dataclasses
 import inspect
 import json
 import math
+import os
+import platform
 import re
+import subprocess
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -129,6 +134,62 @@ def _repository_relative(path: Path) -> str:
         return str(path.resolve().relative_to(REPOSITORY))
     except ValueError:
         return str(path)
+
+
+def machine_info(device: Any = None) -> dict[str, Any]:
+    """Where and when a measurement ran, for its record: the date (UTC), the repository's commit and whether
+    tracked files differ from it, the platform, CPU, Python, torch and the device. torch is imported here, not
+    with this module, so that a script's argument errors stay quick.
+
+    Args:
+        device: The device measured (a ``torch.device`` or its name; None: CUDA when available, else the CPU).
+    """
+    import torch
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    commit, changes = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
+    cpu = _cpu_name()
+    return {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": None if commit is None or changes is None else bool(changes),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": load_average(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other processes competing for the CPU make every step slower), if known."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    """``git``'s output in this repository, or None (no git, or not a checkout)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
 
 
 class _NotGiven:

@@ -21,23 +21,13 @@ backward, the adjoint solve's steps, in the same :class:`SolveReport` form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import implicitlayers as il
-
-__all__ = [
-    "DEQClassifier",
-    "ImplicitDEQ",
-    "ResidualCell",
-    "SolveReport",
-    "TorchDEQ",
-    "build_classifier",
-    "torchdeq_arguments",
-]
-
 
 SOLVER = il.Anderson(memory=6)
 """The default solver of both layers: Anderson with TorchDEQ's history length (``m=6``)."""
@@ -128,32 +118,16 @@ class ImplicitDEQ(nn.Module):
 
     Args:
         cell: The map f(z, x).
-        solver, budget, eval_budget, backward: The layer's solver, budgets and gradient mode.
         jacobian_penalty: Hutchinson vectors of the Jacobian penalty per training forward (0: none);
             the penalty is then ``jacobian_loss``, for the caller to add to its loss.
+        **settings: The layer's ``solver``, ``budget``, ``eval_budget`` and ``backward`` (see
+            :func:`build_classifier`).
     """
 
-    def __init__(
-        self,
-        cell: ResidualCell,
-        *,
-        solver: il.Solver = SOLVER,
-        budget: il.Budget = BUDGET,
-        eval_budget: il.Budget | None = None,
-        backward: il.IFT = BACKWARD,
-        jacobian_penalty: int = 0,
-    ) -> None:
+    def __init__(self, cell: ResidualCell, jacobian_penalty: int = 0, **settings: Any) -> None:
         super().__init__()
-        self.layer = il.ImplicitLayer(
-            cell,
-            solver=solver,
-            budget=budget,
-            eval_budget=eval_budget,
-            backward=backward,
-            jacobian_penalty=jacobian_penalty,
-            # The training loop records convergence per sample itself (SolveReport.converged).
-            on_nonconvergence="ignore",
-        )
+        # The training loop records convergence per sample itself (SolveReport.converged).
+        self.layer = il.ImplicitLayer(cell, **settings, jacobian_penalty=jacobian_penalty, on_nonconvergence="ignore")
 
     @property
     def cell(self) -> ResidualCell:
@@ -193,74 +167,52 @@ class TorchDEQ(nn.Module):
 
     Args:
         cell: The map f(z, x).
-        solver, budget, eval_budget, backward: The same objects as :class:`ImplicitDEQ`'s, translated by
-            :func:`torchdeq_arguments`.
+        **settings: The same ``solver``, ``budget``, ``eval_budget`` and ``backward`` as :class:`ImplicitDEQ`'s,
+            translated by :func:`torchdeq_arguments`.
 
     Raises:
         ImportError: If ``torchdeq`` is not installed.
         ValueError: For a solver or gradient mode TorchDEQ has no twin of.
     """
 
-    def __init__(
-        self,
-        cell: ResidualCell,
-        *,
-        solver: il.Solver = SOLVER,
-        budget: il.Budget = BUDGET,
-        eval_budget: il.Budget | None = None,
-        backward: il.IFT = BACKWARD,
-    ) -> None:
+    jacobian_loss = None  # no penalty in this comparison
+
+    def __init__(self, cell: ResidualCell, **settings: Any) -> None:
         super().__init__()
-        deq_arguments, self.solver_kwargs = torchdeq_arguments(solver, budget, eval_budget, backward)
+        deq_arguments, self.solver_kwargs = torchdeq_arguments(**settings)
         from torchdeq import get_deq  # optional dependency: only this class needs it
 
         self.tols = {"forward": deq_arguments["f_tol"], "backward": deq_arguments["b_tol"]}
-        self.cell_module = cell
+        self.cell = cell
         self.deq = get_deq(core="sliced", ift=True, **deq_arguments)
-        self._forward_info: dict[str, Tensor] | None = None
-        self._backward_info: dict[str, Tensor] | None = None
-
-    @property
-    def cell(self) -> ResidualCell:
-        """The map f."""
-        return self.cell_module
-
-    @property
-    def jacobian_loss(self) -> Tensor | None:
-        """No penalty in this comparison."""
-        return None
+        self._reports: dict[str, SolveReport | None] = {"forward": None, "backward": None}
 
     def forward(self, x: Tensor) -> Tensor:
-        for module in self.cell_module.modules():
+        for module in self.cell.modules():
             if isinstance(module, il.VariationalDropout):
                 module.reset_mask()
         z_out, info = self.deq(
-            lambda z: self.cell_module(z, x),
+            lambda z: self.cell(z, x),
             torch.zeros_like(x),
             solver_kwargs=self.solver_kwargs,
-            backward_writer=self._record_backward,
+            backward_writer=lambda adjoint: self._record("backward", adjoint),
         )
-        self._forward_info = {key: value.detach() for key, value in info.items()}
+        self._record("forward", info)
         return z_out[-1]
 
-    def _record_backward(self, info: dict[str, Tensor]) -> None:
-        self._backward_info = {key: value.detach() for key, value in info.items()}
-
-    @staticmethod
-    def _report(info: dict[str, Tensor], tol: float) -> SolveReport:
-        return SolveReport(info["nstep"].reshape(-1).clone(), info["rel_lowest"].reshape(-1).clone(), tol)
+    def _record(self, direction: str, info: dict[str, Tensor]) -> None:
+        nstep, residual = (info[key].detach().reshape(-1).clone() for key in ("nstep", "rel_lowest"))
+        self._reports[direction] = SolveReport(nstep, residual, self.tols[direction])
 
     def forward_report(self) -> SolveReport:
         """The last forward solve."""
-        if self._forward_info is None:
-            raise RuntimeError("no forward yet")
-        return self._report(self._forward_info, self.tols["forward"])
+        if self._reports["forward"] is None:
+            raise RuntimeError("no forward solve yet")
+        return self._reports["forward"]
 
     def backward_report(self) -> SolveReport | None:
         """The last IFT adjoint solve (None before the first backward)."""
-        if self._backward_info is None:
-            return None
-        return self._report(self._backward_info, self.tols["backward"])
+        return self._reports["backward"]
 
 
 class DEQClassifier(nn.Module):

@@ -33,6 +33,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +136,9 @@ class Digits:
 
 
 def load_data(val_fraction: float, seed: int, train_subset: int | None, dtype: torch.dtype) -> Digits:
-    """scikit-learn's bundled digits (no download), a stratified split, standardised with training statistics.
-
-    Args:
-        val_fraction: Share of the 1797 images held out for validation.
-        seed: Seed of the split.
-        train_subset: Keep only the first this-many training images (None: all).
-        dtype: Floating dtype of the images.
-
-    Returns:
-        Images ``(N, 1, 8, 8)`` and labels ``(N,)``.
-    """
+    """scikit-learn's bundled digits (no download) as images ``(N, 1, 8, 8)`` of ``dtype`` and labels ``(N,)``: a
+    stratified split (``val_fraction`` of the 1797 held out for validation, by ``seed``), the first ``train_subset``
+    training images (None: all), standardised with the training statistics."""
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=dtype)[:, None] / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.long)
@@ -183,25 +176,14 @@ def evaluate(model: DEQClassifier, digits: Digits) -> dict[str, float]:
 
 
 def measure_jacobian(model: DEQClassifier, images: Tensor, seed: int) -> dict[str, float]:
-    """‖J_f(z*)‖²_F / dim and ρ(J_f(z*)) at the validation fixed points, measured alike for every backend.
-
-    Args:
-        model: The trained classifier.
-        images: Validation images.
-        seed: Seed of the Hutchinson vectors and the Arnoldi start vectors.
-
-    Returns:
-        ``jacobian_penalty`` (mean over samples, 8 Hutchinson vectors each) and ``spectral_radius_mean`` /
-        ``spectral_radius_max`` (30 Arnoldi steps per sample).
-    """
+    """‖J_f(z*)‖²_F / dim and ρ(J_f(z*)) at the fixed points of the validation ``images``, measured alike for
+    every backend (``seed``: of the Hutchinson and Arnoldi start vectors): ``jacobian_penalty`` (mean over samples,
+    8 Hutchinson vectors each), ``spectral_radius_mean`` and ``spectral_radius_max`` (30 Arnoldi steps a sample)."""
     model.eval()
     with torch.no_grad():
         x = model.injection(images)
         z_star = model.equilibrium(x)
-
-    def cell_at_x(z: Tensor) -> Tensor:
-        return model.cell(z, x)
-
+    cell_at_x = partial(model.cell, x=x)
     generator = torch.Generator().manual_seed(seed)
     penalty = il.jacobian_penalty(cell_at_x, z_star, samples=8, generator=generator).detach()
     radius = il.spectral_radius(cell_at_x, z_star, iters=30, generator=generator)
@@ -224,16 +206,12 @@ def train_run(spec: RunSpec, digits: Digits, args: argparse.Namespace) -> dict[s
         "budget": budget,
         "eval_budget": budget.replace(max_iter=args.eval_max_iter),
         "backward": il.IFT(max_iter=args.backward_max_iter, tol=args.tol),
+        "groups": GROUPS,
+        "dropout": args.dropout,
     }
     torch.manual_seed(args.seed)
-    model = build_classifier(
-        spec.backend,
-        args.channels,
-        **settings,
-        groups=GROUPS,
-        dropout=args.dropout,
-        jacobian_penalty=1 if spec.gamma else 0,
-    ).to(digits.train_images.dtype)
+    model = build_classifier(spec.backend, args.channels, **settings, jacobian_penalty=1 if spec.gamma else 0)
+    model = model.to(digits.train_images.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = math.ceil(len(digits.train_labels) / args.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
@@ -425,9 +403,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             runs[spec.name] = {"label": spec.label, "backend": spec.backend, "skipped": missing}
             continue
         runs[spec.name] = train_run(spec, digits, args)
-    torchdeq_version = None
-    if not missing:
-        torchdeq_version = importlib.metadata.version("torchdeq")
     results = {
         "config": recorded_flags(args),
         "data": {"train": len(digits.train_labels), "val": len(digits.val_labels)},
@@ -435,7 +410,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": 0.0,
         "cpu_seconds": 0.0,
         "torch": torch.__version__,
-        "torchdeq": torchdeq_version,
+        "torchdeq": None if missing else importlib.metadata.version("torchdeq"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / FIGURE)

@@ -194,11 +194,8 @@ def estimator_table(rows: list[dict[str, Any]]) -> str:
 def summary_line(results: dict[str, Any]) -> str:
     """One sentence with the run's headline numbers (the docs include this file verbatim)."""
     config, sampling = results["config"], results["sampling"]
-    converged = (
-        "all rows converged"
-        if sampling["unconverged_rows"] == 0
-        else f"{sampling['unconverged_rows']} rows unconverged"
-    )
+    unconverged = sampling["unconverged_rows"]
+    converged = "all rows converged" if unconverged == 0 else f"{unconverged} rows unconverged"
     return (
         f"{config['dataset'].capitalize()}, {config['blocks']} residual blocks, {config['steps']} steps "
         f"({results['seconds']:.0f} s in all on this machine): test log-likelihood "

@@ -26,6 +26,8 @@ bit for bit.
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -52,46 +54,14 @@ import torch
 from timm.utils import unwrap_model
 
 import implicitlayers as il
-from examples.common import first_line
-from examples.imixer.imixer import IMixerSettings
-
-__all__ = [
-    "CHECKPOINT_DIR",
-    "MANIFEST",
-    "STATE",
-    "WEIGHTS",
-    "CheckpointError",
-    "CheckpointRef",
-    "atomic_write",
-    "check_compatible",
-    "checkpoint_to_evaluate",
-    "claim_run_dir",
-    "commit_checkpoint",
-    "default_experiment_name",
-    "find_latest_run",
-    "implicit_mismatches",
-    "load_weights",
-    "locate_run",
-    "read_manifest",
-    "remove_stale",
-    "resolve_checkpoint",
-    "resolved_config",
-    "restore_training",
-    "run_identity",
-    "save_training",
-    "settings_to_resume",
-    "write_config",
-]
+from examples.common import dataclass_flag, first_line
+from examples.imixer.imixer import REFERENCE_COMPUTATION, IMixerSettings
 
 MANIFEST = "checkpoints.json"
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 MANIFEST_FORMAT = 1
-
-# Implicit settings that change the function the network computes: a checkpoint trained with one value is a
-# different model under another. The others change how closely or how fast the same fixed point is computed.
-STRUCTURAL_SETTINGS = IMixerSettings.STRUCTURAL
 
 
 class CheckpointError(Exception):
@@ -134,16 +104,12 @@ def _fsync_file(path: str | Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # some platforms cannot open or sync folders; the rename is atomic there
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -204,8 +170,6 @@ def find_latest_run(parent: Path, identity: Mapping[str, Any]) -> Path | None:
         return None
     found: list[tuple[float, str, Path]] = []
     for child in parent.iterdir():
-        if not (child / MANIFEST).is_file():
-            continue
         try:
             manifest = read_manifest(child)
         except CheckpointError:
@@ -269,9 +233,7 @@ def remove_stale(run_dir: Path) -> list[str]:
     """
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    referenced = set()
-    if manifest is not None:
-        referenced = {Path(manifest[tag]["path"]).name for tag in ("last", "best") if manifest.get(tag)}
+    referenced = {Path(manifest[tag]["path"]).name for tag in ("last", "best") if manifest and manifest.get(tag)}
     removed = []
     for path in run_dir.glob(".*.tmp"):  # atomic_write's temporary files
         path.unlink(missing_ok=True)
@@ -304,24 +266,14 @@ def commit_checkpoint(
     is_best: bool,
     best_top1: float,
 ) -> Path:
-    """Writes one checkpoint and commits it as ``last`` (and ``best`` when ``is_best``).
+    """Writes the checkpoint of ``epoch`` (epochs completed) and commits it as ``last`` (and ``best`` when
+    ``is_best``, with ``best_top1``); returns its folder.
 
-    The steps, each a function so tests can interrupt between them: :func:`_write_state`,
-    :func:`_write_weights` (into a fresh hidden folder), :func:`_publish` (rename to its final name),
-    :func:`_write_manifest` (the commit), :func:`remove_stale` (cleanup).
-
-    Args:
-        run_dir: The run folder.
-        epoch: Epochs completed; names the folder.
-        weights: The model's state dict (contiguous CPU tensors).
-        metadata: safetensors metadata (str → str).
-        training_state: What ``state.pt`` holds (loaded back with ``weights_only=True``).
-        identity: ``model``, ``dataset``, ``implicit``: what ``--resume auto`` matches runs by.
-        is_best: Whether this checkpoint becomes ``best``.
-        best_top1: The best validation top-1 so far (recorded in the manifest).
-
-    Returns:
-        The committed checkpoint folder.
+    ``weights`` (contiguous CPU tensors) and their safetensors ``metadata`` (str → str) go to ``model.safetensors``,
+    ``training_state`` to ``state.pt`` (read back with ``weights_only=True``); the manifest records ``identity``,
+    what ``--resume auto`` matches runs by. The steps, each a function so tests can interrupt between them:
+    :func:`_write_state`, :func:`_write_weights` (into a fresh hidden folder), :func:`_publish` (rename to its final
+    name), :func:`_write_manifest` (the commit), :func:`remove_stale` (cleanup).
     """
     run_dir = Path(run_dir)
     folder = run_dir / CHECKPOINT_DIR
@@ -348,10 +300,10 @@ def commit_checkpoint(
 
 def _finite_or_none(text: str | None) -> float | None:
     try:
-        value = float(text) if text is not None else None
-    except ValueError:
+        value = float(text)  # None: TypeError
+    except (TypeError, ValueError):
         return None
-    return value if value is not None and math.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 def _write_state(path: Path, training_state: dict[str, Any]) -> None:
@@ -515,7 +467,7 @@ def locate_run(
     ref = resolve_checkpoint(resume) if resume not in (None, "auto") else None
     if experiment:
         run_dir = parent / experiment
-        manifest = read_manifest(run_dir) if run_dir.is_dir() else None
+        manifest = read_manifest(run_dir)
         if resume == "auto" and manifest is not None:
             ref = resolve_checkpoint(run_dir)
         elif manifest is not None and not (ref and ref.weights.resolve().is_relative_to(run_dir.resolve())):
@@ -533,18 +485,20 @@ def locate_run(
 
 
 def checkpoint_to_evaluate(
-    parent: Path, experiment: str | None, resume: str, identity: Mapping[str, Any]
-) -> CheckpointRef:
+    parent: Path, experiment: str | None, resume: str, identity: Mapping[str, Any], required: bool = True
+) -> CheckpointRef | None:
     """The checkpoint ``--eval-only`` reads: ``resume`` as a path, or for ``"auto"`` the run :func:`locate_run`
-    would continue (nothing is created).
+    would continue (nothing is created); None when ``"auto"`` finds none and it is not ``required``.
 
     Raises:
-        CheckpointError: There is none.
+        CheckpointError: There is none (and one is ``required``), or it is unusable.
     """
     if resume != "auto":
         return resolve_checkpoint(resume)
     run_dir = parent / experiment if experiment else find_latest_run(parent, identity)
     if run_dir is None or read_manifest(run_dir) is None:
+        if not required:
+            return None
         where = run_dir or f"{parent} (for {identity['model']} on {identity['dataset']} with these settings)"
         raise CheckpointError(f"--resume auto found no checkpoint to evaluate in {where}")
     return resolve_checkpoint(run_dir)
@@ -730,17 +684,43 @@ def saved_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, An
     train.py stores the whole config (``config["model"]["implicit_settings"]``); ``convert.py`` stores
     ``reference_iterations`` in the metadata. See :func:`complete_settings` for settings it lacks.
     """
-    settings = _recorded_implicit_settings(metadata, config)
-    return None if settings is None else complete_settings(settings)
+    if config is not None:
+        settings = config.get("model", {}).get("implicit_settings")
+        return complete_settings(settings) if isinstance(settings, dict) else None
+    text = metadata.get("reference_iterations")
+    if text in ("None", ""):
+        return complete_settings({"reference_iterations": None})
+    return complete_settings({"reference_iterations": int(text)}) if text is not None and text.isdigit() else None
 
 
 def complete_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Recorded settings with the ones they lack: ``activation`` absent means the paper's GELU (every
     checkpoint written before F's activation became a setting, and every converted reference checkpoint);
     a setting added later means its default, which is what those runs did."""
-    from examples.imixer.imixer import IMixerSettings  # the model module: torch and timm, loaded by train.py
-
     return {**IMixerSettings().to_dict(), "activation": "gelu", **settings}
+
+
+def settings_with_checkpoint(
+    given: Mapping[str, Any], model_kwargs: Mapping[str, Any], saved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The implicit flags ``given``, completed by the checkpoint's settings ``saved`` wherever neither a flag nor
+    ``--model-kwargs`` names them. Under a reference loop (given or saved) the options it fixes are left to it, so
+    that ``--reference-iterations 3`` continues a run of 2 and a solved run can be evaluated as a loop.
+
+    Raises:
+        CheckpointError: A flag conflicts with the checkpoint's settings (``--activation`` on a reference loop).
+    """
+    names = {setting.name for setting in dataclasses.fields(IMixerSettings)}
+    named = {name for name in names if name in given or name in model_kwargs}
+    settings = {name: value for name, value in saved.items() if name in names and name not in named} | dict(given)
+    if settings.get("reference_iterations") is not None:
+        fixed = {*REFERENCE_COMPUTATION, "max_iter"}
+        settings = {name: value for name, value in settings.items() if name in named or name not in fixed}
+    try:
+        IMixerSettings.build(**{**{k: v for k, v in model_kwargs.items() if k in names}, **settings})
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"the flags given and the checkpoint's settings disagree: {error}") from None
+    return settings
 
 
 def settings_to_resume(
@@ -754,28 +734,8 @@ def settings_to_resume(
     checkpoint named by its path or folder is continued, or evaluated, with the settings it was trained
     with wherever no flag says otherwise; train.py builds the model with them.
     """
-    if resume is None:
-        return None
-    if resume != "auto":
-        ref = resolve_checkpoint(resume)
-    else:
-        run_dir = parent / experiment if experiment else find_latest_run(parent, wanted)
-        if run_dir is None or not run_dir.is_dir() or read_manifest(run_dir) is None:
-            return None
-        ref = resolve_checkpoint(run_dir)
-    return saved_implicit_settings(ref.metadata(), ref.config())
-
-
-def _recorded_implicit_settings(metadata: Mapping[str, str], config: Mapping[str, Any] | None) -> dict | None:
-    if config is not None:
-        settings = config.get("model", {}).get("implicit_settings")
-        return dict(settings) if isinstance(settings, dict) else None
-    text = metadata.get("reference_iterations")
-    if text is None:
-        return None
-    if text in ("None", ""):
-        return {"reference_iterations": None}
-    return {"reference_iterations": int(text)} if text.isdigit() else None
+    ref = None if resume is None else checkpoint_to_evaluate(parent, experiment, resume, wanted, required=False)
+    return None if ref is None else saved_implicit_settings(ref.metadata(), ref.config())
 
 
 def implicit_mismatches(
@@ -789,7 +749,8 @@ def implicit_mismatches(
 
     Returns:
         ``(structural, numerical)``: ``"key: saved → current"`` texts; structural differences change the
-        function the network computes (:data:`STRUCTURAL_SETTINGS`), numerical ones how it is solved.
+        function the network computes (``IMixerSettings.STRUCTURAL``: a checkpoint trained with one value is
+        another model under another), numerical ones how closely or how fast the same fixed point is computed.
     """
     if saved is None or current is None:
         return [], []
@@ -798,7 +759,7 @@ def implicit_mismatches(
         if key not in current or _jsonable(current[key]) == _jsonable(value):
             continue
         text = f"{key} {value} (checkpoint) vs {current[key]} (now)"
-        (structural if key in STRUCTURAL_SETTINGS else numerical).append(text)
+        (structural if key in IMixerSettings.STRUCTURAL else numerical).append(text)
     return structural, numerical
 
 
@@ -806,7 +767,7 @@ def check_compatible(ref: CheckpointRef, model: torch.nn.Module, model_name: str
     """Compares the checkpoint's implicit settings (its stored config, or convert.py's metadata) and model name
     with this run's.
 
-    Structural differences (:data:`STRUCTURAL_SETTINGS`: another function) refuse the checkpoint unless
+    Structural differences (``IMixerSettings.STRUCTURAL``: another function) refuse the checkpoint unless
     ``allow_mismatch`` (``--allow-implicit-mismatch``); they, the numerical ones (solver, tolerance, budget,
     gradient mode, power iterations) and another model name are returned, for one warning line.
 
@@ -818,9 +779,9 @@ def check_compatible(ref: CheckpointRef, model: torch.nn.Module, model_name: str
     structural, numerical = implicit_mismatches(saved, getattr(unwrap_model(model), "implicit_settings", None))
     if structural and not allow_mismatch:
         flags = []
-        for key in STRUCTURAL_SETTINGS:
+        for key in IMixerSettings.STRUCTURAL:
             if any(text.startswith(f"{key} ") for text in structural):
-                flag = "--" + key.replace("_", "-")  # train.py's flag of the setting
+                flag = dataclass_flag(key)  # train.py's flag of the setting
                 flags.append(f"no {flag}" if saved[key] is None else f"{flag} {saved[key]}")
         raise CheckpointError(
             f"{ref.label} was trained with other implicit settings: {'; '.join(structural)}; pass the same flags "

@@ -24,19 +24,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from examples.common import UsageError, first_line
 
-__all__ = [
-    "DATASETS",
-    "DATASET_ALIASES",
-    "DataError",
-    "DatasetSplits",
-    "DigitsDataset",
-    "Loaders",
-    "build_datasets",
-    "build_loaders",
-    "canonical",
-    "patch_timm_posterize",
-]
-
 DATASETS = ("digits", "cifar10", "cifar100", "food101", "imagefolder")
 
 # timm's train.py names torchvision datasets "torch/<name>" and folder datasets "torch/image_folder",
@@ -72,9 +59,7 @@ Transform = Callable[[Image.Image], object]
 def canonical(name: str) -> str | None:
     """The dataset name of :data:`DATASETS` that ``name`` spells (case-insensitive), or None."""
     lowered = name.strip().lower()
-    if lowered in DATASETS:
-        return lowered
-    return DATASET_ALIASES.get(lowered)
+    return lowered if lowered in DATASETS else DATASET_ALIASES.get(lowered)
 
 
 class DataError(Exception):
@@ -158,9 +143,6 @@ def build_datasets(
         eval_transform: Transform of validation images.
         download: Let torchvision fetch CIFAR/Food-101 into ``data_dir`` when missing.
 
-    Returns:
-        The :class:`DatasetSplits`.
-
     Raises:
         DataError: Unknown name, or data missing or malformed.
     """
@@ -177,8 +159,6 @@ def build_datasets(
         if name == "imagefolder":
             return _image_folders(data_dir, train_transform, eval_transform)
         return _torchvision_splits(name, data_dir, train_transform, eval_transform, download)
-    except DataError:
-        raise
     except (RuntimeError, OSError, ValueError, KeyError, EOFError) as error:
         # torchvision reports a missing or corrupt dataset with RuntimeError; unpickling a malformed
         # batch file raises the others. Any of them means "the directory is not what we expected".

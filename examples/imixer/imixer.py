@@ -463,11 +463,7 @@ class IMixer(MlpMixer):
             One dict per block: ``nstep_mean``, ``nstep_max``, ``residual_max``, ``unconverged``
             (fraction of rows that missed ``tol``; always 0 in reference mode, which has no tolerance).
         """
-        stats = []
-        for layer in self.implicit_layers():
-            summary = layer.stats.summary() if layer.stats is not None else {}
-            stats.append(summary)
-        return stats
+        return [layer.stats.summary() if layer.stats is not None else {} for layer in self.implicit_layers()]
 
 
 def _init_weights(module: nn.Module, name: str, head_bias: float = 0.0) -> None:
@@ -528,26 +524,17 @@ def convert_reference_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Ten
     return converted
 
 
-def _feature_cfg(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """timm's Mixer feature config: ``features_only=True`` wraps the model in a ``FeatureGetterNet``.
+def _create(cls: type[MlpMixer], variant: str, pretrained: bool, **kwargs: Any) -> MlpMixer:
+    """``variant`` built with the shape its name gives (:data:`_SHAPES`; ``kwargs`` override it).
 
-    It calls :meth:`MlpMixer.forward_intermediates` (one feature per block, ``feature_info`` lists
-    ``blocks.i``); ``out_indices`` defaults to 3, i.e. the last three blocks, as timm's
-    ``mlp_mixer._create_mixer``, which every depth here (4 to 24) has. Without it timm's default, a
-    ``FeatureListNet`` over the model's top-level modules at out_indices 0 to 4, fails for a Mixer: its
-    blocks are not top-level modules, and a depth-4 model has no index 4.
+    ``features_only=True`` gets timm's Mixer feature config: a ``FeatureGetterNet`` over
+    :meth:`MlpMixer.forward_intermediates` (``feature_info``: ``blocks.i``), by default the last three blocks, as
+    timm's ``mlp_mixer._create_mixer``. timm's default, a ``FeatureListNet`` over the top-level modules at
+    out_indices 0 to 4, fails for a Mixer: its blocks are not top-level modules, and a depth-4 model has no index 4.
     """
-    return {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"}
-
-
-def _create_imixer(variant: str, pretrained: bool = False, **kwargs: Any) -> IMixer:
-    feature_cfg = _feature_cfg(kwargs)
-    return build_model_with_cfg(IMixer, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
-
-
-def _create_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    feature_cfg = _feature_cfg(kwargs)
-    return build_model_with_cfg(MlpMixer, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    kwargs = {**_SHAPES[variant.split("_", 1)[1]], **kwargs}
+    feature_cfg = {"out_indices": kwargs.pop("out_indices", 3), "feature_cls": "getter"}
+    return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -587,78 +574,75 @@ default_cfgs = generate_default_cfgs(
     }
 )
 
-# Small shapes for small images and CPUs; the iMixer and the vanilla baseline share them.
-_T4_32_ARGS = {"img_size": 32, "patch_size": 4, "num_blocks": 6, "embed_dim": 128, "num_classes": 10}
-_T2_8_ARGS = {"img_size": 8, "in_chans": 1, "patch_size": 2, "num_blocks": 4, "embed_dim": 32, "num_classes": 10}
+# The shapes, by the name after "imixer_" or "mixer_": S, B and L as timm's Mixers; T, small shapes for small
+# images and CPUs, which the iMixer and the vanilla baseline share.
+_SHAPES: dict[str, dict[str, Any]] = {
+    "s32_224": {"patch_size": 32, "num_blocks": 8, "embed_dim": 512},
+    "s16_224": {"patch_size": 16, "num_blocks": 8, "embed_dim": 512},
+    "b32_224": {"patch_size": 32, "num_blocks": 12, "embed_dim": 768},
+    "b16_224": {"patch_size": 16, "num_blocks": 12, "embed_dim": 768},
+    "l32_224": {"patch_size": 32, "num_blocks": 24, "embed_dim": 1024},
+    "l16_224": {"patch_size": 16, "num_blocks": 24, "embed_dim": 1024},
+    "t4_32": {"img_size": 32, "patch_size": 4, "num_blocks": 6, "embed_dim": 128, "num_classes": 10},
+    "t2_8": {"img_size": 8, "in_chans": 1, "patch_size": 2, "num_blocks": 4, "embed_dim": 32, "num_classes": 10},
+}
 
 
 @register_model
 def imixer_s32_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-S/32 224x224 (dim 512, depth 8)."""
-    return _create_imixer(
-        "imixer_s32_224", pretrained, **{"patch_size": 32, "num_blocks": 8, "embed_dim": 512, **kwargs}
-    )
+    return _create(IMixer, "imixer_s32_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_s16_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-S/16 224x224 (dim 512, depth 8)."""
-    return _create_imixer(
-        "imixer_s16_224", pretrained, **{"patch_size": 16, "num_blocks": 8, "embed_dim": 512, **kwargs}
-    )
+    return _create(IMixer, "imixer_s16_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_b32_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-B/32 224x224 (dim 768, depth 12)."""
-    return _create_imixer(
-        "imixer_b32_224", pretrained, **{"patch_size": 32, "num_blocks": 12, "embed_dim": 768, **kwargs}
-    )
+    return _create(IMixer, "imixer_b32_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_b16_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-B/16 224x224 (dim 768, depth 12)."""
-    return _create_imixer(
-        "imixer_b16_224", pretrained, **{"patch_size": 16, "num_blocks": 12, "embed_dim": 768, **kwargs}
-    )
+    return _create(IMixer, "imixer_b16_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_l32_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-L/32 224x224 (dim 1024, depth 24)."""
-    return _create_imixer(
-        "imixer_l32_224", pretrained, **{"patch_size": 32, "num_blocks": 24, "embed_dim": 1024, **kwargs}
-    )
+    return _create(IMixer, "imixer_l32_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_l16_224(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-L/16 224x224 (dim 1024, depth 24)."""
-    return _create_imixer(
-        "imixer_l16_224", pretrained, **{"patch_size": 16, "num_blocks": 24, "embed_dim": 1024, **kwargs}
-    )
+    return _create(IMixer, "imixer_l16_224", pretrained, **kwargs)
 
 
 @register_model
 def imixer_t4_32(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-T/4 for 32x32 images such as CIFAR (dim 128, depth 6, 64 tokens)."""
-    return _create_imixer("imixer_t4_32", pretrained, **{**_T4_32_ARGS, **kwargs})
+    return _create(IMixer, "imixer_t4_32", pretrained, **kwargs)
 
 
 @register_model
 def imixer_t2_8(pretrained: bool = False, **kwargs: Any) -> IMixer:
     """iMixer-T/2 for 8x8 grayscale images such as sklearn digits (dim 32, depth 4, 16 tokens)."""
-    return _create_imixer("imixer_t2_8", pretrained, **{**_T2_8_ARGS, **kwargs})
+    return _create(IMixer, "imixer_t2_8", pretrained, **kwargs)
 
 
 @register_model
 def mixer_t4_32(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
     """Vanilla MLP-Mixer of imixer_t4_32's shape (the baseline)."""
-    return _create_mixer("mixer_t4_32", pretrained, **{**_T4_32_ARGS, **kwargs})
+    return _create(MlpMixer, "mixer_t4_32", pretrained, **kwargs)
 
 
 @register_model
 def mixer_t2_8(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
     """Vanilla MLP-Mixer of imixer_t2_8's shape (the baseline)."""
-    return _create_mixer("mixer_t2_8", pretrained, **{**_T2_8_ARGS, **kwargs})
+    return _create(MlpMixer, "mixer_t2_8", pretrained, **kwargs)

@@ -27,17 +27,6 @@ from torch import nn
 import implicitlayers as il
 from examples.imixer.checkpoints import atomic_write, atomic_write_text
 
-__all__ = [
-    "TensorBoardLog",
-    "describe_model",
-    "epoch_line",
-    "plot_training",
-    "solver_line",
-    "step_record",
-    "tensorboard_available",
-    "write_metrics",
-]
-
 
 def describe_model(model: nn.Module) -> str:
     """One line naming the model's size and its token-mixer settings."""
@@ -153,16 +142,8 @@ class TensorBoardLog:
 
 
 def plot_training(history: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
-    """Draws loss, top-1 and (for iMixers) each block's solver iterations per epoch into a PNG.
-
-    Args:
-        history: The per-epoch metrics.
-        path: The PNG (written atomically).
-        title: The figure title.
-
-    Returns:
-        False when matplotlib is not installed (nothing written), else True.
-    """
+    """Draws loss, top-1 and (for iMixers) each block's solver iterations per epoch of ``history`` into the PNG
+    ``path`` (atomically) under ``title``; returns False, writing nothing, when matplotlib is not installed."""
     if not history or importlib.util.find_spec("matplotlib") is None:
         return False
     import matplotlib
@@ -185,13 +166,12 @@ def plot_training(history: Sequence[dict[str, Any]], path: Path, title: str) -> 
     if blocks:
         colours = plt.get_cmap("viridis")([0.9 * index / max(len(blocks) - 1, 1) for index in range(len(blocks))])
         styles = (("fwd", "-", "train forward"), ("bwd", "--", "train backward"), ("val_fwd", ":", "eval forward"))
-        for colour, block in zip(colours, blocks, strict=True):
+        for colour, block in zip(colours, blocks, strict=True):  # legend: blocks by colour, phases by style
+            axes[2].plot([], [], "-", color=colour, label=f"block {block}")
             for prefix, style, _ in styles:
                 key = f"{prefix}_iters_b{block}"
                 if any(key in entry for entry in history):
                     axes[2].plot(epochs, _series(history, key), style, color=colour, marker=".")
-        for colour, block in zip(colours, blocks, strict=True):  # legend entries: blocks by colour, phase by style
-            axes[2].plot([], [], "-", color=colour, label=f"block {block}")
         for prefix, style, label in styles:
             if any(f"{prefix}_iters_b{blocks[0]}" in entry for entry in history):
                 axes[2].plot([], [], style, color="grey", label=label)

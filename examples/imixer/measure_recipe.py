@@ -5,12 +5,12 @@
 It runs ``train.py``'s own pieces with the recipe's exact flags (``train.parse_args``, ``data.build_loaders``,
 ``build_model``, ``build_state``, then ``train_step`` and ``validate``) over a small CIFAR-10-format folder of
 random 32×32 images written to a temporary directory, so it needs neither the real data set nor a download, on
-the GPU when there is one and else on the CPU. Per
-model it records the median and mean seconds of a training step (forward, loss, backward, clipping, optimiser,
-EMA — everything ``train_one_epoch`` does per batch) and of loading a batch (the recipe's augmentation, in this
-process), the evaluation throughput, and the projection to one CIFAR-10 epoch (50,000 training images, 10,000
-validation images) and to the whole run *on this machine*. Random images make the solver's iteration counts
-those of an untrained model on noise, not of CIFAR-10 in training; the JSON says so.
+the GPU when there is one and else on the CPU. Per model it records the median and mean seconds of a training
+step (forward, loss, backward, clipping, optimiser, EMA — everything ``train_one_epoch`` does per batch) and of
+loading a batch (the recipe's augmentation, in this process), the evaluation throughput, and the projection to
+one CIFAR-10 epoch (50,000 training images, 10,000 validation images) and to the whole run *on this machine*.
+Random images make the solver's iteration counts those of an untrained model on noise, not of CIFAR-10 in
+training; the JSON says so. The record of the machine is :func:`examples.common.machine_info`'s.
 
 The README's "Single-GPU CIFAR-10" section quotes the JSON this script writes; the commands it lists are
 :func:`recipe_command` of :data:`RECIPE_FLAGS`.
@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ from timm.utils import random_seed
 if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
-from examples.common import OneLineArgumentParser, UsageError, int_range
+from examples.common import OneLineArgumentParser, UsageError, int_range, load_average, machine_info
 from examples.imixer import checkpoints, data, train
 
 RECIPE = "cifar10_t4_32"
@@ -83,25 +80,17 @@ def write_cifar10_folder(root: Path, train_images: int, val_images: int, seed: i
         labels = rng.integers(0, 10, count).tolist()
         return {"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), "labels": labels, "batch_label": "noise"}
 
-    for index in range(1, 6):
-        with open(folder / f"data_batch_{index}", "wb") as handle:
-            pickle.dump(batch(train_images // 5), handle)
-    with open(folder / "test_batch", "wb") as handle:
-        pickle.dump(batch(val_images), handle)
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": train_images // 5}, handle)
+    files = {f"data_batch_{index}": batch(train_images // 5) for index in range(1, 6)}
+    files["test_batch"] = batch(val_images)
+    files["batches.meta"] = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": train_images // 5}
+    for name, content in files.items():
+        (folder / name).write_bytes(pickle.dumps(content))
     return root
 
 
 def measure_model(model_name: str, flags: list[str], data_dir: Path, steps: int, warmup: int) -> dict[str, Any]:
-    """Times ``warmup + steps`` real training steps and one evaluation pass of ``model_name`` with ``flags``.
-
-    Args:
-        model_name: ``--model``.
-        flags: The recipe's flags (and any measurement flags such as ``--threads``).
-        data_dir: A CIFAR-10-format folder (:func:`write_cifar10_folder`).
-        steps: Measured steps.
-        warmup: Unmeasured steps before them.
+    """Times ``steps`` real training steps of ``model_name`` (after ``warmup`` unmeasured ones) and one evaluation
+    pass, with ``flags`` (the recipe's, and any such as ``--threads``) on ``data_dir`` (:func:`write_cifar10_folder`).
 
     Returns:
         Seconds per step (median, mean, each of the measured steps), seconds per batch of data loading, images per
@@ -129,7 +118,8 @@ def measure_model(model_name: str, flags: list[str], data_dir: Path, steps: int,
             images, target = next(iterator)
         loaded = time.perf_counter()
         train.train_step(runtime, state, images, target, loss_fn, mixup, step)  # steps the schedule too
-        _synchronize(runtime.device)
+        if runtime.device.type == "cuda":  # wait for the queued GPU work: the step's time is its own
+            torch.cuda.synchronize(runtime.device)
         done = time.perf_counter()
         if step >= warmup:
             data_seconds.append(loaded - start)
@@ -164,11 +154,14 @@ def measure(steps: int, warmup: int, threads: int | None, amp: bool = True, comm
     """Measures both models; returns the JSON document (``command``: how it was invoked, for the record)."""
     flags = [flag for flag in RECIPE_FLAGS if amp or flag != "--amp"]
     flags += [] if threads is None else ["--threads", str(threads)]
-    load_before = _load_average()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as folder:
         data_dir = write_cifar10_folder(Path(folder), train_images=640, val_images=256)
         models = {name: measure_model(name, flags, data_dir, steps, warmup) for name in MODELS}
-    args = train.parse_args(["--model", MODELS[0], *RECIPE_FLAGS])
+    args, machine = train.parse_args(["--model", MODELS[0], *RECIPE_FLAGS]), machine_info()
+    cuda = machine["device"].startswith("cuda")
+    device = f"cuda: {machine['device_name']}" if cuda else "cpu (no GPU was available: GPU time not measured)"
+    autocast = f"{'float16' if cuda else 'bfloat16'} (train.py --amp on {'CUDA' if cuda else 'CPU'})"
     return {
         "recipe": RECIPE,
         "commands": {name: recipe_command(name) for name in MODELS},
@@ -178,22 +171,17 @@ def measure(steps: int, warmup: int, threads: int | None, amp: bool = True, comm
         "img_size": 32,
         "amp": amp,
         "measured": {
-            "date": datetime.now().isoformat(timespec="seconds"),
-            "device": _device_name(),
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "autocast": _autocast_name(amp),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
+            **machine,
+            "device": device,
+            "autocast": autocast if amp else "none (float32)",
             "command": command,
-            "load_average_1min": {"before": load_before, "after": _load_average()},
+            "load_average_1min": {"before": load_before, "after": machine["load_average_1min"]},
             "steps_measured": steps,
             "warmup_steps": warmup,
             "data": "random 32x32 images in CIFAR-10 format (iteration counts are an untrained model's on noise)",
             "data_loading": "in the training process (-j 0); the recipe's -j 8 loads in parallel workers",
         },
-        "models": {name: models[name] for name in MODELS},
+        "models": models,
     }
 
 
@@ -212,42 +200,6 @@ def readme_table(document: dict[str, Any]) -> str:
             f"{m['projected_epoch_minutes']:.1f} | {m['projected_run_hours']:.1f} |"
         )
     return "\n".join(lines)
-
-
-def _autocast_name(amp: bool) -> str:
-    if not amp:
-        return "none (float32)"
-    return "float16 (train.py --amp on CUDA)" if torch.cuda.is_available() else "bfloat16 (train.py --amp on CPU)"
-
-
-def _synchronize(device: torch.device) -> None:
-    """Waits for queued GPU work, so a step's time is its own."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.get_device_name()}"
-    return "cpu (no GPU was available: GPU time not measured)"
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (other processes competing for the CPU make every step slower)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

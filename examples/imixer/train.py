@@ -65,10 +65,7 @@ from examples.imixer import checkpoints as ckpt
 from examples.imixer import data, engine, logs
 from examples.imixer.checkpoints import CheckpointError
 from examples.imixer.engine import NonFiniteLoss
-from examples.imixer.imixer import (  # importing the module registers imixer_* and mixer_t* in timm
-    REFERENCE_COMPUTATION,
-    IMixerSettings,
-)
+from examples.imixer.imixer import IMixerSettings  # importing the module registers imixer_* and mixer_t* in timm
 
 # timm schedules that step per update (the engine calls step_update every step). "plateau" steps per epoch
 # on a metric, "wsd"/"rsqrt" need decay settings this script does not expose.
@@ -147,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-ema-decay", type=float_range(0, 1, low_open=True, high_open=True), default=0.999,
                        help="EMA decay per step")
     group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", metavar="DEVICE",
+                       help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (torchrun: each process its "
+                       "local rank's GPU)")
     group.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
     group.add_argument("--threads", type=int_range(1), default=None, metavar="N",
                        help="torch CPU threads (None: 1 for digits on CPU, else torch's)")
@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"(or timm's {', '.join(name for name in data.DATASET_ALIASES if name.startswith('torch/'))})"
         )
     args.dataset = dataset
-    if implicit_kwargs(args):
+    if args.settings:
         if not is_imixer(args.model):
             raise UsageError(f"implicit flags apply to imixer_* models only, not {args.model!r}")
         check_settings(args, argv)
@@ -202,10 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--scale {args.scale[0]:g} {args.scale[1]:g}: expected MIN MAX with MIN <= MAX")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f"--mixup/--cutmix need an even --batch-size, got {args.batch_size}")
-    if args.experiment is not None and (
-        args.experiment in ("", ".", "..") or "/" in args.experiment or os.sep in args.experiment
-    ):
+    if args.experiment is not None and (args.experiment in ("", ".", "..") or {"/", os.sep} & set(args.experiment)):
         raise UsageError(f"--experiment {args.experiment!r} must be a folder name (no path separators)")
+    args.device = resolve_device(args.device)
     if args.eval_only and not args.resume:
         raise UsageError("--eval-only needs --resume (a checkpoint or 'auto')")
     if args.tensorboard and not logs.tensorboard_available():
@@ -217,10 +216,10 @@ def check_settings(args: argparse.Namespace, argv: list[str]) -> None:
     """Validates the implicit flags with ``IMixerSettings.build``, together with any settings in ``--model-kwargs``
     (as the model will: the gradient mode must suit the solver); its error becomes one line naming the flag."""
     flags = {name: f"--model-kwargs {name}" for name in args.model_kwargs if name in SETTINGS}
-    for name in implicit_kwargs(args):  # the spelling given: the alias, or the field's
+    for name in args.settings:  # the spelling given: the alias, or the field's
         alias = FLAG_ALIASES.get(name)
         flags[name] = alias if any(text.split("=")[0] == alias for text in argv) else dataclass_flag(name)
-    given = {name: args.model_kwargs[name] for name in flags if name in args.model_kwargs} | implicit_kwargs(args)
+    given = {name: args.model_kwargs[name] for name in flags if name in args.model_kwargs} | args.settings
     message = settings_error(given)
     if message is not None:  # the settings that fail alone with the same error, else all of them
         culprits = [name for name in given if settings_error({name: given[name]}) == message] or list(given)
@@ -237,34 +236,9 @@ def settings_error(settings: dict[str, Any]) -> str | None:
     return None
 
 
-def settings_with_checkpoint(args: argparse.Namespace, saved: dict[str, Any]) -> dict[str, Any]:
-    """The implicit flags given, completed by the checkpoint's settings where neither a flag nor
-    ``--model-kwargs`` names them. Under a reference loop (given or saved) the options it fixes are left to it,
-    so that ``--reference-iterations 3`` continues a run of 2 and a solved run can be evaluated as a loop.
-
-    Raises:
-        UsageError: A flag conflicts with the checkpoint's reference loop (``--activation`` on such a run).
-    """
-    given = {name for name in SETTINGS if name in args.settings or name in args.model_kwargs}
-    settings = {name: value for name, value in saved.items() if name in SETTINGS and name not in given}
-    settings |= args.settings
-    if settings.get("reference_iterations") is not None:
-        fixed = {*REFERENCE_COMPUTATION, "max_iter"}
-        settings = {name: value for name, value in settings.items() if name in given or name not in fixed}
-    message = settings_error({**{k: v for k, v in args.model_kwargs.items() if k in SETTINGS}, **settings})
-    if message is not None:
-        raise UsageError(f"the flags given and the checkpoint's settings disagree: {message}")
-    return settings
-
-
 def is_imixer(model_name: str) -> bool:
     """Whether a registered model is an iMixer (takes the implicit flags)."""
     return timm.models.get_pretrained_cfg(model_name).architecture.startswith("imixer")
-
-
-def implicit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The implicit flags that were given, as IMixer keyword arguments."""
-    return dict(args.settings)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,10 +258,25 @@ class Runtime:
         return self.world_size > 1
 
 
-def init_runtime() -> Runtime:
+def resolve_device(text: str) -> str:
+    """``--device``: ``auto`` is CUDA when available, else the CPU; a CUDA device must exist."""
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N")
+    available = torch.cuda.device_count()
+    if device.type == "cuda" and (available == 0 or (device.index or 0) >= available):
+        raise UsageError(f"--device {text!r}: this machine has {available} CUDA device(s); use --device cpu")
+    return text
+
+
+def init_runtime(device: str) -> Runtime:
     """timm's DDP set-up when launched by torchrun or SLURM (nccl on CUDA, gloo on CPU); else one process."""
-    cuda = torch.cuda.is_available()
-    env = argparse.Namespace(device="cuda" if cuda else "cpu", dist_backend="nccl" if cuda else "gloo")
+    env = argparse.Namespace(device=device, dist_backend="nccl" if device.startswith("cuda") else "gloo")
     device = init_distributed_device(env)  # sets env.rank and env.world_size (not the flags: they are saved)
     return Runtime(device, env.rank, env.world_size)
 
@@ -305,7 +294,7 @@ def build_model(args: argparse.Namespace, loaders: data.Loaders) -> nn.Module:
     try:
         model = timm.create_model(
             args.model, num_classes=loaders.num_classes, in_chans=loaders.in_chans, img_size=loaders.img_size,
-            drop_path_rate=args.drop_path, **{**args.model_kwargs, **implicit_kwargs(args)},
+            drop_path_rate=args.drop_path, **{**args.model_kwargs, **args.settings},
         )  # fmt: skip
     except (ValueError, TypeError, AssertionError, RuntimeError, ZeroDivisionError) as error:
         # The layers name a bad setting (ValueError); TypeError: an unknown kwarg; the others: impossible shapes
@@ -429,7 +418,7 @@ def validate(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The run's config and checkpoints (the files: examples.imixer.checkpoints)
+# Driver (the run's files: examples.imixer.checkpoints)
 
 
 def check_compatible(ref: ckpt.CheckpointRef, args: argparse.Namespace, model: nn.Module, runtime: Runtime) -> None:
@@ -439,24 +428,20 @@ def check_compatible(ref: ckpt.CheckpointRef, args: argparse.Namespace, model: n
         print(f"train.py: warning: {ref.label} differs from this run: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Driver
-
-
 def log(runtime: Runtime, message: str) -> None:
     """Prints on rank 0 only (on stdout, as before: timm's logging setup would send it to stderr)."""
     if is_primary(runtime):
         print(message, flush=True)
 
 
-def share_from_rank0(runtime: Runtime, compute: Callable[[], Any]) -> Any:
-    """Runs ``compute`` on rank 0 only and gives every process its result (or its CheckpointError)."""
+def share_from_rank0(runtime: Runtime, compute: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``compute(*args)`` on rank 0 only and gives every process its result (or its CheckpointError)."""
     if not runtime.distributed:
-        return compute()
+        return compute(*args)
     box: list[Any] = [None]
     if is_primary(runtime):
         try:
-            box[0] = ("ok", compute())
+            box[0] = ("ok", compute(*args))
         except CheckpointError as error:
             box[0] = ("error", str(error))
     dist.broadcast_object_list(box, src=0)
@@ -468,19 +453,17 @@ def share_from_rank0(runtime: Runtime, compute: Callable[[], Any]) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds everything, trains (or evaluates) and writes the outputs; returns the summary (or eval metrics)."""
-    runtime = init_runtime()
+    runtime = init_runtime(args.device)
     set_threads(args, runtime)
     random_seed(args.seed)  # every process the same: DDP must start from one model
     loaders = data.build_loaders(args, runtime)
     # Resuming (or evaluating) continues with the checkpoint's implicit settings wherever no flag was given:
     # a run trained under other defaults goes on as it was trained.
-    settings = IMixerSettings.build(**implicit_kwargs(args)).to_dict() if is_imixer(args.model) else None
+    settings = IMixerSettings.build(**args.settings).to_dict() if is_imixer(args.model) else None
     wanted = ckpt.run_identity(args, loaders.img_size, settings)  # what --resume auto (no --experiment) matches
-    saved = share_from_rank0(
-        runtime, lambda: ckpt.settings_to_resume(Path(args.output), args.experiment, args.resume, wanted)
-    )
+    saved = share_from_rank0(runtime, ckpt.settings_to_resume, Path(args.output), args.experiment, args.resume, wanted)
     if saved and is_imixer(args.model):
-        args.settings = settings_with_checkpoint(args, saved)
+        args.settings = ckpt.settings_with_checkpoint(args.settings, args.model_kwargs, saved)
     model = build_model(args, loaders).to(runtime.device)
     log(runtime, f"{args.model} on {args.dataset} ({loaders.img_size}px, {loaders.num_classes} classes, batch "
                  f"{args.batch_size} x {runtime.world_size} process(es)): {logs.describe_model(model)}")  # fmt: skip
@@ -488,9 +471,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     identity = ckpt.run_identity(args, loaders.img_size, getattr(model, "implicit_settings", None))
     if args.eval_only:
         return evaluate_checkpoint(args, state, loaders, runtime, wanted)
-    run_dir, ref = share_from_rank0(
-        runtime, lambda: ckpt.locate_run(Path(args.output), args.experiment, args.resume, wanted)
-    )
+    run_dir, ref = share_from_rank0(runtime, ckpt.locate_run, Path(args.output), args.experiment, args.resume, wanted)
     if ref is not None:
         check_compatible(ref, args, state.model, runtime)
         ckpt.restore_training(ref, state, vars(args))
@@ -518,8 +499,7 @@ def evaluate_checkpoint(
     check_compatible(ref, args, state.model, runtime)
     metadata = ckpt.load_weights(ref, state.model, args.model)
     epoch = int(metadata["epoch"]) if metadata.get("epoch", "").isdigit() else None
-    metrics: dict[str, Any] = {"epoch": epoch, "checkpoint": str(ref.weights)}
-    metrics.update(validate(args, state.model, loaders.val, runtime))
+    metrics = {"epoch": epoch, "checkpoint": str(ref.weights), **validate(args, state.model, loaders.val, runtime)}
     trained = f"after epoch {epoch}" if epoch is not None else "epoch unknown (no training metadata)"
     log(runtime, f"eval of {ref.label} ({trained}): top-1 {metrics['val_top1']:.2f}%  "
                  f"top-5 {metrics['val_top5']:.2f}%  loss {metrics['val_loss']:.4f}")  # fmt: skip
