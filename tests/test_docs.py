@@ -55,6 +55,9 @@ def test_page_examples_run(page: str, monkeypatch: pytest.MonkeyPatch, capsys: p
         il.solvers.base._REGISTRY.clear()
         il.solvers.base._REGISTRY.update(registry)
     assert capsys.readouterr().out, f"{page}'s examples print nothing"
+    # What a block prints, it also checks: a reader sees the output, the test sees the property.
+    unchecked = [index for index, block in enumerate(blocks) if "print(" in block and "assert " not in block]
+    assert not unchecked, f"{page}: blocks {unchecked} print without asserting anything"
 
 
 # Pages maintained elsewhere, whose code lines this test does not police.
