@@ -268,6 +268,23 @@ class _Witness:
         return fz
 
 
+@pytest.mark.parametrize("solver", BUILTIN)
+@pytest.mark.parametrize("stop_mode", ["rel", "abs"])
+def test_converged_is_decided_at_tol_exactly(solver, stop_mode):
+    # Random maps almost never end a budget within a few percent of tol, so the boundary is put there:
+    # the best residual r of a fixed budget, then tol just above r (converged) and just below (not).
+    problem = symmetric_tanh_problem(dim=6, batch=1, norm=0.9, seed=3)
+    z0 = torch.zeros(1, 6, dtype=torch.float64)
+    budget = il.solve(problem, z0, solver=solver, tol=0.0, max_iter=6, stop_mode=stop_mode)
+    best = float(budget.residual[0])
+    assert best > 0
+    above = il.solve(problem, z0, solver=solver, tol=best * 1.02, max_iter=6, stop_mode=stop_mode)
+    below = il.solve(problem, z0, solver=solver, tol=best / 1.02, max_iter=6, stop_mode=stop_mode)
+    assert above.status.tolist() == [int(il.Status.converged)] and bool(above.converged[0])
+    assert below.status.tolist() == [int(il.Status.max_iter)] and not bool(below.converged[0])
+    assert float(below.residual[0]) == pytest.approx(best, rel=1e-12)
+
+
 @given(
     rows=mixed_rows(),
     solver=SOLVERS,
