@@ -261,6 +261,7 @@ TORCHSCRIPT_UNSUPPORTED = (
 
 
 @register_notrace_function
+@torch.compiler.disable  # one graph break per solve; the parametrized modules are not traced block by block
 def solve_token_mixer(implicit: il.ImplicitMLP, x: Tensor, own_precision: bool = True) -> Tensor:
     """Runs a token mixer's implicit layer on ``x``: one leaf call for torch.fx.
 

@@ -382,3 +382,23 @@ def test_budgets_penalty_and_synchronisation_reach_the_token_mixers():
     stepwise.load_state_dict(net.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(stepwise(images), chunked, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_compile_breaks_only_at_the_solves_and_compiles_no_more_for_a_deeper_model(mode):
+    # Each token mixer's solve is one torch.compiler.disable'd call (solve_token_mixer); what lies between
+    # two solves is the same code for every block, so a deeper model reuses its graphs instead of
+    # recompiling per block (which, with parametrized weights of a class per module, hit Dynamo's
+    # recompile limit of 8 and left the deeper blocks eager).
+    counts = []
+    for blocks in (2, 10):
+        torch.manual_seed(0)
+        net = getattr(timm.create_model("imixer_t2_8", num_blocks=blocks), mode)()
+        x = torch.randn(4, 1, 8, 8)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(net)(x)
+        assert all("solve_token_mixer" in str(r.reason) for r in explanation.break_reasons)
+        counts.append(explanation.graph_count)
+        compiled = torch.compile(net, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+    assert counts[0] == counts[1], counts
