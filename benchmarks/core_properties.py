@@ -16,7 +16,7 @@
   broyden (default options), and the ratios to picard. Holds when both ratios are <= 1/3 and every
   solve converged.
 
-Usage: ``python benchmarks/core_properties.py [--quick] [--seed N] [--json PATH]``.
+Usage: ``python -m benchmarks.core_properties [--quick] [--seed N] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 import implicitlayers as il
+from benchmarks import render
 from implicitlayers.problems import symmetric_tanh_problem
 
 SOLVERS = ["picard", "anderson", "broyden"]
@@ -193,39 +194,6 @@ def acceleration(seeds: Sequence[int], batch: int, dim: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def report(results: dict[str, Any]) -> str:
-    p3, p4, p7 = results["p3_inverse"], results["p4_gradients"], results["p7_acceleration"]
-    lines = [
-        f"P3 inverse accuracy (tol {p3['tol']:g}; max per-sample ||x' - x|| / ||x||; holds if <= {p3['threshold']:g})"
-    ]
-    lines.append(f"  {'layer':<20} " + " ".join(f"{s:>10}" for s in SOLVERS))
-    for layer, per_solver in p3["max_rel_error"].items():
-        lines.append(f"  {layer:<20} " + " ".join(f"{per_solver[s]:>10.2e}" for s in SOLVERS))
-    lines.append(f"  holds: {p3['holds']}")
-    lines.append(
-        f"\nP4 IFT gradients (tol {p4['tol']:g}) vs unrolled Picard ({p4['unrolled_steps']} steps) and closed form; "
-        f"relative errors, holds if <= {p4['threshold']:g}"
-    )
-    columns = ["vs_unrolled_params", "vs_unrolled_inputs", "vs_closed_form_params", "vs_closed_form_inputs"]
-    lines.append(f"  {'gradient':<14} " + " ".join(f"{c:>22}" for c in columns))
-    for name, row in p4["rel_error"].items():
-        lines.append(f"  {name:<14} " + " ".join(f"{row[c]:>22.2e}" if c in row else f"{'-':>22}" for c in columns))
-    lines.append(f"  holds: {p4['holds']}")
-    lines.append(
-        f"\nP7 slow problem (||W||_2 = 0.99, tol {p7['tol']:g}, {p7['samples']} samples): median evaluations of f; "
-        f"holds if ratios <= {p7['max_ratio']:.3f}"
-    )
-    for name, median in p7["median_nstep"].items():
-        ratio = p7["ratio_to_picard"].get(name)
-        ratio_text = f"   ratio to picard {ratio:.3f}" if ratio is not None else ""
-        lines.append(
-            f"  {name:<17} median {median:>6.1f}   converged {p7['converged_fraction'][name]:>6.1%}{ratio_text}"
-        )
-    lines.append(f"  holds: {p7['holds']}")
-    lines.append(f"\nall properties hold: {results['all_hold']}   ({results['seconds']:.1f} s)")
-    return "\n".join(lines)
-
-
 def run(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Computes the three properties; ``quick`` shrinks the problems (used by the tests)."""
     start = time.perf_counter()
@@ -258,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = run(seed=args.seed, quick=args.quick)
     finally:
         torch.set_num_threads(threads)
-    print(report(results))
+    print(render.core_report(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

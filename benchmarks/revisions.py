@@ -1,6 +1,6 @@
 """The same workloads timed on two revisions of the library, interleaved, for regressions.
 
-``python benchmarks/revisions.py --base HEAD~3`` checks out ``--base`` into a temporary git worktree
+``python -m benchmarks.revisions --base HEAD~3`` checks out ``--base`` into a temporary git worktree
 and times each workload alternately in a fresh subprocess of the working tree and of the base
 (``--rounds`` times each, single-threaded), then prints the medians and their ratio. Interleaving
 makes a busy machine slow both sides alike. The workloads use only calls whose spelling is the same
@@ -25,12 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
 
 WORKLOAD = r"""
-import json, sys, time, warnings
-sys.path.insert(0, {root!r})
-import torch
+import json, time, warnings
+import torch  # the subprocess runs in the tree's root, whose implicitlayers comes first on sys.path
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 import implicitlayers as il
@@ -45,12 +44,12 @@ def timed(fn, repeats):
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
-out = {{}}
+out = {}
 for size, batch in (("small", 64), ("large", 4096)):
     problem = symmetric_tanh_problem(256, batch, seed=0, norm=0.99, dtype=torch.float32)
     for solver in ("picard", "anderson", "broyden"):
         run = lambda: il.solve(problem, torch.zeros_like(problem.drive), solver=solver, tol=1e-6, max_iter=400)
-        out[f"solve/{{size}}/{{solver}}"] = timed(run, 5 if size == "small" else 3)
+        out[f"solve/{size}/{solver}"] = timed(run, 5 if size == "small" else 3)
 
 import timm
 from examples.imixer import imixer  # registers the models
@@ -71,8 +70,7 @@ print(json.dumps(out))
 
 def run_once(root: Path) -> dict[str, float]:
     """One subprocess timing every workload on the tree at ``root``."""
-    code = WORKLOAD.format(root=str(root))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    done = subprocess.run([sys.executable, "-c", WORKLOAD], capture_output=True, text=True, cwd=root, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -27,7 +27,7 @@ with the same solver, tol and max_iter as the forward (its success rate is repor
 graph is not timed. Ratios ours/TorchDEQ pair picard/fixed_point_iter, anderson/anderson,
 broyden/broyden.
 
-Usage: ``python benchmarks/solvers.py [--quick] [--out DIR] [--repeats N] [--seed N] [--device cuda]``; writes
+Usage: ``python -m benchmarks.solvers [--quick] [--out DIR] [--repeats N] [--seed N] [--device cuda]``; writes
 ``solvers.json``, ``solvers.md`` and ``solvers_<problem>.png`` into ``DIR`` (default
 ``benchmarks/results/``).
 """
@@ -36,13 +36,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
-import os
-import platform
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,14 +48,12 @@ import torch
 from torch import Tensor
 
 import implicitlayers as il
+from benchmarks import common, render
+from benchmarks.render import OURS, PAIRS
 from implicitlayers.contrib import torchdeq as il_torchdeq
 from implicitlayers.problems import symmetric_tanh_problem
 
-REPO = Path(__file__).resolve().parent.parent
-OURS = ["picard", "anderson", "broyden"]
-THEIRS = ["torchdeq.fixed_point_iter", "torchdeq.anderson", "torchdeq.broyden"]
-SOLVERS = OURS + THEIRS
-PAIRS = dict(zip(OURS, THEIRS, strict=True))
+SOLVERS = [*OURS, *PAIRS.values()]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOL = {"float32": 1e-5, "float64": 1e-8}
 STOP_MODE = "rel"
@@ -78,14 +71,6 @@ class Problem:
 
 
 # ------------------------------------------------------------------------------------ problems
-def _imixer_module() -> Any:
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from examples.imixer import imixer  # registers the imixer_* models with timm
-
-    return imixer
-
-
 def _token_mixer_problem(net: torch.nn.Module, images: Tensor, block: int, rows: int | None) -> tuple[Any, Tensor]:
     """The rows x and map g of block ``block``'s token mixer, for ``images`` through ``net`` (eval)."""
     net.eval()
@@ -119,7 +104,8 @@ def _from_g(
 def imixer_init_problem(seed: int, images: int, block: int, rows: int | None) -> Problem:
     import timm
 
-    _imixer_module()
+    from examples.imixer import imixer  # noqa: F401  (registers the imixer_* models with timm)
+
     torch.manual_seed(seed)
     net = timm.create_model("imixer_s16_224")
     g, x = _token_mixer_problem(net, torch.randn(images, 3, 224, 224), block, rows)
@@ -137,7 +123,8 @@ def train_digits_imixer(seed: int, epochs: int, max_steps: int | None, batch_siz
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _imixer_module()
+    from examples.imixer import imixer  # noqa: F401  (registers the imixer_* models with timm)
+
     torch.manual_seed(seed)
     digits = load_digits()
     images = torch.tensor(digits.images / 16.0 * 2 - 1, dtype=torch.float32)[:, None]
@@ -236,23 +223,6 @@ def linear_root_problem(seed: int, dim: int, batch: int) -> Problem:
 
 
 # ------------------------------------------------------------------------------------ measuring
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, list[float], Any]:
-    """Median wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
-    times, out = [], fn()
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
-
-
 def adjoint_solve_fn(
     f: Callable[[Tensor], Tensor], z: Tensor, solver: str, max_iter: int, tol: float, seed: int
 ) -> Callable[[], il.SolverResult]:
@@ -274,15 +244,15 @@ def run_case(
 ) -> dict:
     f, z0 = problem.make(DTYPES[dtype_name], device)
     tol = TOL[dtype_name]
-    forward_time, forward_times, result = _median_time(
-        lambda: il.solve(f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=STOP_MODE), repeats, device
+    forward_time, forward_times, result = common.timed(
+        lambda: il.solve(f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=STOP_MODE), device, 1, repeats
     )
     # The adjoint is only meaningful at a finite solution; a diverged solve reports nothing for it.
     finite = bool(torch.isfinite(result.z).all())
     backward: dict[str, Any] = {"backward_time_median_s": None, "backward_success_rate": None}
     if finite:
         solve_adjoint = adjoint_solve_fn(f, result.z, solver, max_iter, tol, seed)
-        backward_time, _, adjoint = _median_time(solve_adjoint, repeats, device)
+        backward_time, _, adjoint = common.timed(solve_adjoint, device, 1, repeats)
         backward = {
             "backward_time_median_s": backward_time,
             "backward_success_rate": float(adjoint.converged.float().mean()),
@@ -326,59 +296,6 @@ def ratios(results: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ reporting
-def _fmt(value: Any, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def markdown_table(results: list[dict], pair_ratios: list[dict]) -> str:
-    ratio_index = {(r["problem"], r["dtype"], r["ours"]): r for r in pair_ratios}
-    lines = [
-        "| problem | dtype | solver | success | nstep med | nstep max | fwd ms (med) | bwd ms (med) | bwd success "
-        "| fwd ratio ours/td | bwd ratio ours/td |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        ratio = ratio_index.get((r["problem"], r["dtype"], r["solver"]), {})
-        bwd = r["backward_time_median_s"]
-        lines.append(
-            f"| {r['problem']} | {r['dtype']} | {r['solver']} | {r['success_rate']:.2f} | {r['nstep_median']:.0f} "
-            f"| {r['nstep_max']} | {1e3 * r['time_median_s']:.2f} | {_fmt(None if bwd is None else 1e3 * bwd, '.2f')} "
-            f"| {_fmt(r['backward_success_rate'], '.2f')} | {_fmt(ratio.get('time_median_s'), '.2f')} "
-            f"| {_fmt(ratio.get('backward_time_median_s'), '.2f')} |"
-        )
-    return "\n".join(lines)
-
-
-def summary_table(results: list[dict], pair_ratios: list[dict]) -> str:
-    """One row per problem and dtype: success and forward-time ratio of each solver against TorchDEQ's."""
-    success = {(r["problem"], r["dtype"], r["solver"]): r["success_rate"] for r in results}
-    ratio_index = {(r["problem"], r["dtype"], r["ours"]): r["time_median_s"] for r in pair_ratios}
-    cases = list(dict.fromkeys((r["problem"], r["dtype"]) for r in results))
-    header = "| problem | dtype |"
-    rule = "|---|---|"
-    for ours in OURS:
-        header += f" {ours} success (td) | {ours} time × td |"
-        rule += "---:|---:|"
-    lines = [header, rule]
-    for problem, dtype in cases:
-        cells = [problem, dtype]
-        for ours in OURS:
-            theirs = success.get((problem, dtype, PAIRS[ours]))
-            cells.append(f"{success[(problem, dtype, ours)]:.2f} ({_fmt(theirs, '.2f')})")
-            cells.append(_fmt(ratio_index.get((problem, dtype, ours)), ".2f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    for ours in ("anderson", "broyden"):
-        values = [r["time_median_s"] for r in pair_ratios if r["ours"] == ours and r["time_median_s"] is not None]
-        at_least = sum(r["success_rate_diff"] >= 0 for r in pair_ratios if r["ours"] == ours)
-        lines.append("")
-        lines.append(
-            f"{ours}: time ≤ 0.7× TorchDEQ's in {sum(v <= 0.7 for v in values)} of {len(values)} cases "
-            f"(median ratio {statistics.median(values):.2f}, max {max(values):.2f}); success ≥ TorchDEQ's in "
-            f"{at_least} of {sum(r['ours'] == ours for r in pair_ratios)}."
-        )
-    return "\n".join(lines)
-
-
 def plot_traces(results: list[dict], problems: Sequence[Problem], out: Path) -> list[str]:
     import matplotlib
 
@@ -408,27 +325,12 @@ def plot_traces(results: list[dict], problems: Sequence[Problem], out: Path) -> 
     return paths
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchdeq": _torchdeq_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _torchdeq_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("torchdeq")
-    except Exception:  # pragma: no cover - metadata missing
+    except PackageNotFoundError:  # pragma: no cover - metadata missing
         return "unknown"
 
 
@@ -453,7 +355,7 @@ def build_problems(args: argparse.Namespace) -> tuple[list[Problem], dict]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small problems, 3 repeats, a short training run")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="output directory")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5; --quick: 3)")
     parser.add_argument("--max-iter", type=int, default=None, help="iteration cap (default 500; --quick: 100)")
     parser.add_argument("--seed", type=int, default=0)
@@ -472,10 +374,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     il_torchdeq.register()
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    info = machine(device)
+    info = common.machine(device) | {"torchdeq": _torchdeq_version()}
     print(
         f"machine: {info['device_name']}, {info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
         f"torch {info['torch']}, "
@@ -490,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for solver in SOLVERS:
                 results.append(run_case(problem, dtype_name, solver, args.max_iter, args.repeats, args.seed, device))
     pair_ratios = ratios(results)
-    table = markdown_table(results, pair_ratios)
-    summary = summary_table(results, pair_ratios)
+    table = render.solvers_table(results, pair_ratios)
+    summary = render.solvers_summary(results, pair_ratios)
     plots = plot_traces(results, problems, out)
     report = {
         "machine": info,

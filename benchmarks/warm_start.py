@@ -1,43 +1,28 @@
 """Warm starts on related inputs: evaluations of f and time with and without ``warm_start=True``.
 
-    python benchmarks/warm_start.py            # a few seconds on 2 CPU cores
-    python benchmarks/warm_start.py --quick    # about a second, for the tests
+    python -m benchmarks.warm_start            # a few seconds on 2 CPU cores
+    python -m benchmarks.warm_start --quick    # about a second, for the tests
 
 A DEQ layer, z = tanh(W_sn z + U x) with ||W_sn||₂ = 0.95 (a slow contraction), runs over sequences
 of related inputs x_t = x_{t-1} + σ·ε_t (frames of a video, steps of an iterative refinement), once
 cold (every solve from z_init) and once warm (each solve from the previous output), in eval mode with
 the same solver, tolerance and weights. Printed per σ: total evaluations of f, median seconds per
-sequence, and warm/cold ratios; the same numbers go to ``warm_start.json`` in ``--out``.
+sequence, and warm/cold ratios; the same numbers go to ``warm_start.json`` / ``.md`` in ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import implicitlayers as il
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-class Cell(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.mix = il.spectral_norm(nn.Linear(dim, dim, bias=False), coeff=0.95)
-        self.inject = nn.Linear(dim, dim)
-        with torch.no_grad():  # a normalisation that binds: ||W|| = 0.95 exactly
-            self.mix.parametrizations.weight.original.mul_(4.0)
-        self.mix.parametrizations.weight[0].refine_(self.mix.parametrizations.weight.original)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.mix(z) + self.inject(x))
+from benchmarks import common, render
+from benchmarks.backward import Cell
 
 
 def run_sequence(layer: il.ImplicitLayer, frames: list[torch.Tensor]) -> tuple[int, float]:
@@ -52,7 +37,7 @@ def run_sequence(layer: il.ImplicitLayer, frames: list[torch.Tensor]) -> tuple[i
 
 def measure(dim: int, batch: int, length: int, sigma: float, repeats: int, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    layer = il.ImplicitLayer(Cell(dim), solver="anderson", tol=1e-5, max_iter=200).eval()
+    layer = il.ImplicitLayer(Cell(dim, coeff=0.95), solver="anderson", tol=1e-5, max_iter=200).eval()
     generator = torch.Generator().manual_seed(seed)
     frames = [torch.randn(batch, dim, generator=generator)]
     for _ in range(length - 1):
@@ -71,23 +56,16 @@ def measure(dim: int, batch: int, length: int, sigma: float, repeats: int, seed:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short sequences, 1 repeat")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="output folder")
+    parser.add_argument("--out", type=Path, default=common.RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dim, batch, length, repeats = (32, 8, 8, 1) if args.quick else (64, 32, 40, 5)
     rows = [measure(dim, batch, length, sigma, repeats, args.seed) for sigma in (0.01, 0.1, 1.0)]
-    print(f"DEQ z = tanh(W z + U x), ||W|| = 0.95, D = {dim}, B = {batch}, {length} frames, anderson tol 1e-5")
-    print("| σ | cold evaluations | warm evaluations | × | cold s | warm s | × |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['sigma']:g} | {r['cold_evaluations']} | {r['warm_evaluations']} | {r['evaluation_ratio']:.2f} "
-            f"| {r['cold_seconds']:.3f} | {r['warm_seconds']:.3f} | {r['time_ratio']:.2f} |"
-        )
     results = {"config": {"dim": dim, "batch": batch, "frames": length, "repeats": repeats}, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "warm_start.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    table = render.warm_start_table(results)
+    print(table)
+    common.write(args.out, "warm_start", results, table)
     return results
 
 

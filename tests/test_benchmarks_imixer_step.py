@@ -1,31 +1,33 @@
-"""benchmarks/imixer_step.py: a --quick run, its files and JSON schema (never its timings)."""
+"""benchmarks/imixer_step.py: a --quick run, its files and JSON schema (never its timings), and its profile."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-from pathlib import Path
+import re
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "imixer_step.py"
+from benchmarks import imixer_step, render
+
 ROW_NUMBERS = ["step_ms", "step_ratio_to_vanilla", "saved_peak_mb", "images_per_s", "throughput_ratio_to_vanilla"]
 ROW_SOLVER = ["residual_max", "residual_median", "solver_residual_max", "nstep_mean", "nstep_max", "unconverged"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("imixer_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("imixer_step")
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        returned = module.main(["--quick", "--device", "cpu", "--out", str(out)])
-    return module, returned, out, buffer.getvalue()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            returned = imixer_step.main(["--quick", "--device", "cpu", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return imixer_step, returned, out, buffer.getvalue()
 
 
 def finite(value) -> bool:
@@ -40,6 +42,7 @@ def test_files_exist_and_json_matches_the_returned_results(run):
     assert loaded["models"] == json.loads(json.dumps(returned["models"]))
     table = (out / "imixer_step.md").read_text()
     assert "| model | mode | step ms |" in table and table.strip() in printed
+    assert table == render.step_markdown(loaded) + "\n"
     for key in ("cpu_count", "torch", "device", "date_utc", "torch_threads"):
         assert key in loaded["machine"]
     assert loaded["machine"]["device"] == "cpu" and loaded["config"]["quick"] is True
@@ -50,31 +53,36 @@ def test_rows_have_the_models_modes_and_finite_numbers(run):
     assert set(returned["models"]) == {"t4_32"}
     block = returned["models"]["t4_32"]
     assert block["batch"] == 4 and block["img_size"] == 32
-    assert [row["mode"] for row in block["rows"]] == module.QUICK_MODES
+    assert [row["mode"] for row in block["rows"]] == module.QUICK_CONFIGS
     for row in block["rows"]:
-        assert row["model"] == ("mixer_t4_32" if row["mode"] == "vanilla" else "imixer_t4_32")
+        assert row["model"] == ("mixer_t4_32" if row["mode"] == "mixer" else "imixer_t4_32")
+        assert row["options"] == module.parse(row["mode"])[1]
         assert all(finite(row[key]) and row[key] > 0 for key in ROW_NUMBERS), row
         assert row["cuda_peak_mb"] is None
-        if row["mode"] == "vanilla":
+        if row["mode"] == "mixer":
             assert row["step_ratio_to_vanilla"] == 1.0
             assert all(row[key] is None for key in ROW_SOLVER)
         else:
             assert all(finite(row[key]) for key in ROW_SOLVER), row
     # The solved modes report the residual they reach, recomputed independently of the solver.
     for row in block["rows"]:
-        if "@" in row["mode"]:
+        if "tol" in row["options"]:
             assert row["residual_max"] <= 1.5e-3 and row["unconverged"] == 0.0
 
 
-def test_full_mode_list_and_memory_growth(run):
+def test_full_configuration_list_and_memory_growth(run):
     module, returned, _, _ = run
-    modes = module.all_modes()
-    # default; references 1, 2, 3, 4, 8; per tol (1e-2..1e-4): 3 solvers × (ift, phantom, jfb) + shine with
+    configs = module.all_configs()
+    # mixer, imixer; references 1, 2, 3, 4, 8; per tol (1e-2..1e-4): 3 solvers × (ift, phantom, jfb) + shine with
     # broyden, anderson
-    assert len(modes) == 2 + 5 + 3 * (3 * 3 + 2) and modes[:2] == ["vanilla", "default"]
-    assert module.mode_kwargs("default") == {}
-    assert "picard/shine@0.001" not in modes and "anderson/shine@0.001" in modes
-    assert {"reference-1", "reference-8", "broyden/ift@0.001", "picard/jfb@0.0001"} <= set(modes)
+    assert len(configs) == 2 + 5 + 3 * (3 * 3 + 2) and list(configs)[:2] == ["mixer", "imixer"]
+    assert configs["imixer"] == {} and configs["reference-8"] == {"reference_iterations": 8}
+    assert "picard-shine-0.001" not in configs and "anderson-shine-0.001" in configs
+    assert {"reference-1", "reference-8", "broyden-ift-0.001", "picard-jfb-0.0001"} <= set(configs)
+    assert configs["picard-jfb-0.0001"] == {"solver": "picard", "backward": "jfb", "tol": 1e-4, "max_iter": 30}
+    assert module.parse("x=tol:0.05") == ("x", {"tol": 0.05})
+    with pytest.raises(ValueError):
+        module.parse("picard/jfb@0.001")  # the old spelling is gone
     growth = returned["memory_growth"]
     assert growth["model"] == "imixer_t4_32"
     for kind in ("ift", "reference"):
@@ -91,7 +99,7 @@ def test_equal_residual_pairs_each_solved_mode_with_the_cheapest_accurate_refere
     rows = returned["models"]["t4_32"]["rows"]
     by_mode = {row["mode"]: row for row in rows}
     for comparison in returned["models"]["t4_32"]["equal_residual"]:
-        assert comparison["mode"] in by_mode and not comparison["mode"].startswith(("vanilla", "reference"))
+        assert comparison["mode"] in by_mode and not comparison["mode"].startswith(("mixer", "reference"))
         if comparison["reference"] is None:
             continue
         ours, ref = by_mode[comparison["mode"]], by_mode[comparison["reference"]]
@@ -99,13 +107,15 @@ def test_equal_residual_pairs_each_solved_mode_with_the_cheapest_accurate_refere
         assert comparison["step_ratio"] == ours["step_ms"] / ref["step_ms"]
     # The function itself on a hand-made table: reference-2 is the cheapest with residual <= 1e-3.
     table = [
-        {"mode": "vanilla", "residual_max": None, "step_ms": 1.0, "images_per_s": 10.0},
+        {"mode": "mixer", "residual_max": None, "step_ms": 1.0, "images_per_s": 10.0},
         {"mode": "reference-4", "residual_max": 1e-6, "step_ms": 4.0, "images_per_s": 2.0},
         {"mode": "reference-1", "residual_max": 1e-2, "step_ms": 2.0, "images_per_s": 5.0},
         {"mode": "reference-2", "residual_max": 5e-4, "step_ms": 3.0, "images_per_s": 4.0},
-        {"mode": "anderson/ift@0.001", "residual_max": 1e-3, "step_ms": 1.5, "images_per_s": 8.0},
-        {"mode": "picard/jfb@0.0001", "residual_max": 1e-7, "step_ms": 1.5, "images_per_s": 8.0},
+        {"mode": "anderson-ift-0.001", "residual_max": 1e-3, "step_ms": 1.5, "images_per_s": 8.0},
+        {"mode": "picard-jfb-0.0001", "residual_max": 1e-7, "step_ms": 1.5, "images_per_s": 8.0},
     ]
+    for row in table:
+        row["options"] = module.parse(row["mode"])[1]
     first, second = module.equal_residual(table)
     assert (first["reference"], first["step_ratio"], first["throughput_ratio"]) == ("reference-2", 0.5, 2.0)
     assert second["reference"] is None and second["step_ratio"] is None
@@ -115,15 +125,37 @@ def test_the_step_is_reported_at_initialisation_and_after_training(run):
     module, returned, out, _ = run
     trained = returned["trained"]
     assert trained["epochs"] == 1 and trained["max_batches"] == 3 and trained["task"] == "digits-hard"
-    assert [row["mode"] for row in trained["rows"]] == list(module.TRAINED_MODES)
+    assert [row["mode"] for row in trained["rows"]] == list(module.TRAINED)
     for row in trained["rows"]:
         for when in ("init", "trained"):
             assert finite(row[f"{when}_step_ms"]) and row[f"{when}_step_ms"] > 0
             assert row[f"{when}_ratio_to_vanilla"] == row[f"{when}_step_ms"] / trained["rows"][0][f"{when}_step_ms"]
-        if row["mode"] == "vanilla":
+        if row["mode"] == "mixer":
             assert row["init_nstep_max"] is None and row["trained_nstep_max"] is None
         elif row["mode"] == "reference-2":
             assert row["init_nstep_max"] == row["trained_nstep_max"] == 2  # a fixed loop
         else:
             assert 1 <= row["init_nstep_max"] <= 30 and 1 <= row["trained_nstep_max"] <= 30
     assert "after 1 epochs" in (out / "imixer_step.md").read_text()
+
+
+def test_a_profile_reports_each_configuration():
+    sections = [
+        imixer_step.profile("t4_32", name, imixer_step.parse(name)[1], 2, torch.device("cpu"), rows=5)
+        for name in ("mixer", "anderson-ift-0.001")
+    ]
+    headers = [
+        re.findall(r"^## t4_32 (\S+), batch 2, cpu: ([\d.]+) ms per profiled step, (\d+) operator calls", s, re.M)
+        for s in sections
+    ]
+    assert [h[0][0] for h in headers] == ["mixer", "anderson-ift-0.001"]
+    # The solved mode launches more operators per step than the vanilla Mixer: the count is real.
+    assert int(headers[1][0][2]) > int(headers[0][0][2]) > 0
+    assert all("Self CPU" in section for section in sections)
+
+
+def test_an_unknown_configuration_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        imixer_step.main(["--configs", "anderson/ift@1"])
+    assert exit_info.value.code == 2
+    assert "unknown" in capsys.readouterr().err

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "imixer_training.py"
-DOCS = REPO / "docs" / "assets" / "imixer_training"
+from benchmarks import common, render
+from benchmarks import imixer_training as training
+
+DOCS = common.REPO / "docs" / "assets" / "imixer_training"
 EPOCH_KEYS = {
     "epoch",
     "train_loss",
@@ -48,18 +47,19 @@ GELU_LIPSCHITZ = 1.12891
 
 @pytest.fixture(scope="module")
 def module():
-    spec = importlib.util.spec_from_file_location("imixer_training", SCRIPT)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+    return training
 
 
 @pytest.fixture(scope="module")
 def run(module, tmp_path_factory):
     out = tmp_path_factory.mktemp("imixer_training")
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        returned = module.main(["--quick", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            returned = module.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
     return returned, out, buffer.getvalue()
 
 
@@ -85,6 +85,10 @@ def test_files_and_schema(module, run):
     assert task["epochs"] == 1 and task["seeds"] == [0]
     assert task["task"]["n_train"] == 1437 and task["task"]["n_val"] == 128 and task["task"]["img_size"] == 16
     assert [c["name"] for c in task["configs"]] == list(module.DEFAULT_CONFIGS) == ["mixer", "imixer", "reference-2"]
+    # The default row is marked when the benchmark runs, for the torch-free renderer.
+    assert [c["is_default"] for c in task["configs"]] == [False, True, False]
+    assert render.default_config(task) == "imixer"
+    assert loaded["config"]["defaults"]["tol"] == common.settings({}).tol
     assert [(r["config"], r["seed"]) for r in task["runs"]] == [("mixer", 0), ("imixer", 0), ("reference-2", 0)]
     for record in (e for r in task["runs"] for e in r["epochs"]):
         assert set(record) == EPOCH_KEYS
@@ -133,7 +137,7 @@ def test_adjoint_iterations_are_logged(module):
 
     args = argparse.Namespace(img_size=16, patch_size=2, lr=2e-3, weight_decay=0.05)
     task = module.Task("digits", 16, val_limit=32)
-    run_ = module.Run("exact", dict(module.PRESETS["exact"]), 0, args, steps=2)
+    run_ = module.Run("exact", dict(common.PRESETS["exact"]), 0, args, steps=2)
     record = run_.train_epoch(*task.train_epoch(0, 1), 16, 2)
     assert len(record["backward"]) == 4
     for block in record["backward"]:
@@ -175,9 +179,9 @@ def test_inverse_residuals_spectral_radii_and_bounds(run):
 def test_summary_and_table_agree_with_the_runs(module, run):
     results, out, _ = run
     task = results["tasks"]["digits"]
-    assert task["summary"] == module.summarise(task["runs"], [c["name"] for c in task["configs"]])
+    assert task["summary"] == render.summarise(task["runs"], [c["name"] for c in task["configs"]])
     table = (out / "imixer_training.md").read_text()
-    assert table.strip() == module.markdown(json.loads((out / "imixer_training.json").read_text())).strip()
+    assert table.strip() == render.training_markdown(json.loads((out / "imixer_training.json").read_text())).strip()
     rows = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")
     }
@@ -201,28 +205,43 @@ def test_checked_in_docs_results_agree_with_their_table():
     path = DOCS / "imixer_training.json"
     if not path.is_file():
         pytest.skip("no published results")
-    spec = importlib.util.spec_from_file_location("imixer_training_docs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     results = json.loads(path.read_text())
     assert results["config"]["quick"] is False and len(results["config"]["seeds"]) >= 3
-    assert (DOCS / "imixer_training.md").read_text().strip() == module.markdown(results).strip()
+    assert (DOCS / "imixer_training.md").read_text().strip() == render.training_markdown(results).strip()
     for name, task in results["tasks"].items():
         assert (DOCS / f"imixer_training_{name}.png").is_file()
-        assert task["summary"] == module.summarise(task["runs"], [c["name"] for c in task["configs"]])
+        assert task["summary"] == render.summarise(task["runs"], [c["name"] for c in task["configs"]])
+
+
+def test_render_merges_several_runs(module, run, tmp_path, capsys):
+    """``--render`` re-renders earlier JSONs without training, their tasks merged."""
+    _, out, _ = run
+    results = json.loads((out / "imixer_training.json").read_text())
+    other = json.loads(json.dumps(results))
+    other["tasks"] = {"digits-hard": {**other["tasks"]["digits"], "epochs": 7}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = module.main(["--render", str(out / "imixer_training.json"), str(tmp_path / "other.json"),
+                          "--out", str(tmp_path / "rendered")])  # fmt: skip
+    assert list(merged["tasks"]) == ["digits", "digits-hard"] and merged["tasks"]["digits-hard"]["epochs"] == 7
+    assert merged["seconds"] == 2 * results["seconds"]
+    table = (tmp_path / "rendered" / "imixer_training.md").read_text()
+    assert table.strip() == render.training_markdown(merged).strip() and "## digits-hard" in table
+    assert (tmp_path / "rendered" / "imixer_training_digits-hard.png").is_file()
 
 
 def test_configuration_parsing_and_levers(module):
-    assert module.parse_config("reference-2") == ("reference-2", {"reference_iterations": 2})
-    name, options = module.parse_config("lip=activation:lipswish,coeff:0.8,jac_weight:0.5,tol:1e-2")
+    assert common.parse_config("reference-2") == ("reference-2", {"reference_iterations": 2})
+    name, options = common.parse_config("lip=activation:lipswish,coeff:0.8,jac_weight:0.5,tol:1e-2")
     assert name == "lip" and options == {"activation": "lipswish", "coeff": 0.8, "jac_weight": 0.5, "tol": 0.01}
-    assert module.parse_config("plain=") == ("plain", {})
-    for bad in ("nonsense", "x=colour:red", "x=tol", "=tol:1"):
+    assert common.parse_config("plain=") == ("plain", {})
+    bad_specs = ("nonsense", "x=colour:red", "x=tol", "=tol:1", "x=solver:picard,backward:shine", "x=activation:sine")
+    for bad in (*bad_specs, "x=model:mixer,tol:0.1", "x=reference_iterations:2,tol:0.5"):
         with pytest.raises(ValueError):
-            module.parse_config(bad)
-    for bad in ({"solver": "picard", "backward": "shine"}, {"activation": "sine"}, {"model": "mixer", "tol": 0.1}):
-        with pytest.raises(ValueError):
-            module.validate_options("bad", bad)
+            common.parse_config(bad)
+    # The defaults are decided by the settings dataclass, whatever the spelling.
+    assert common.is_default({}) and common.is_default({"activation": "gelu", "backward": "ift", "tol": 0.01})
+    assert not common.is_default({"tol": 1e-3}) and not common.is_default({"model": "mixer"})
+    assert not common.is_default({"jac_weight": 0.5})
     torch.manual_seed(0)
     net = module.build_model({**options, "shine_refine": 0, "eval_tol": 1e-4}, 16, 2)
     layers = module.implicit_layers(net)

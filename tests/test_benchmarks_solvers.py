@@ -1,4 +1,4 @@
-"""benchmarks/solvers.py --quick: its output files and JSON schema (never its timings)."""
+"""python -m benchmarks.solvers --quick: its output files and JSON schema (never its timings)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "solvers.py"
 SOLVERS = [
     "picard",
     "anderson",
@@ -59,7 +58,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("solvers_bench")
     # A subprocess: the script sets torch's thread count, which must not leak into other tests.
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.solvers", "--quick", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

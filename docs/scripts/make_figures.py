@@ -1,6 +1,6 @@
 """Generates the documentation's figures into docs/assets/figures/.
 
-    python docs/scripts/make_figures.py
+    python -m docs.scripts.make_figures
 
 - ``residual_trace.png``: the largest per-sample residual over the batch after each evaluation of f
   (``SolverResult.trace``), for picard, anderson and broyden, on two problems:
