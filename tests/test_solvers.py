@@ -135,8 +135,12 @@ def test_acceleration_beats_picard_threefold_on_a_slow_problem(dim, seed):
     # Saturation of tanh makes some instances fast for every method (local rate ≈ 0.85); the claim
     # concerns the slow ones, whose rate at the fixed point is close to ||W||₂ = 0.99. (A threshold
     # of 0.95 let in samples at rate 0.95, where Picard needs ~190 steps and Anderson's 68 was 2.75x
-    # fewer: a random example under the dev profile found it.)
-    slow = f.contraction_rate(results["picard"].z) >= 0.97
+    # fewer: a random example under the dev profile found it.) A rate near one makes a row slow only
+    # when the iteration excites its slow mode: a row at rate 0.977 whose start held almost nothing
+    # along it took Picard 43 steps (dim 16, seed 3298328, found under the dev profile). So a row is
+    # slow when its rate is and Picard's own count shows it: at rate ≥ 0.97 a fully excited mode needs
+    # ~450 steps to 1e-6, and no row that fast to converge is part of the claim.
+    slow = (f.contraction_rate(results["picard"].z) >= 0.97) & (results["picard"].nstep >= 200)
     assume(bool(slow.any()))
     steps = {}
     for solver, result in results.items():
