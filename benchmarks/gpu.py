@@ -74,7 +74,9 @@ def step_times(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
                backend: str | None, mode: str | None, repeats: int) -> dict[str, float | None]:  # fmt: skip
     """Median step seconds (and the first step's, the compile time, when compiled with ``backend``)."""
     compiled = backend is not None
-    model = torch.compile(net, backend=backend, mode=mode) if compiled else net
+    if compiled:  # a cold compile of this model alone: no graphs, shapes or cached kernels from the last one
+        torch._dynamo.reset()
+    model = torch.compile(net, backend=backend, mode=mode, dynamic=False) if compiled else net
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     compile_s = None
     if compiled:
@@ -91,8 +93,9 @@ def step_times(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
 
 
 def operator_calls(step: Callable[[], None], device: torch.device) -> int:
-    """Operators one training step runs: kernels launched on CUDA; on a CPU, the ATen operators called
-    (inside a compiled graph inductor's fused C++ kernels replace them, so they count what was not fused)."""
+    """Operators one training step runs (AdamW's included): kernels launched on CUDA; on a CPU, the outermost
+    ATen operators called (an operator's own sub-operators not counted; in a graph inductor compiled, its fused
+    C++ kernels replace operators, so they count what was not fused)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -102,7 +105,17 @@ def operator_calls(step: Callable[[], None], device: torch.device) -> int:
     events = profile.events()
     if device.type == "cuda":
         return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in events)
-    return sum(event.name.startswith("aten::") for event in events)
+    return sum(event.name.startswith("aten::") and not _inside_aten(event) for event in events)
+
+
+def _inside_aten(event: Any) -> bool:
+    """Whether a profiler event runs inside another ATen operator (aten::linear's aten::t, ...)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def modes(device: torch.device, backend: str) -> dict[str, tuple[str | None, str | None]]:
@@ -119,6 +132,9 @@ def measure_shape(name: str, shape: dict[str, Any], device: torch.device, backen
     images = torch.randn(size, generator=generator).to(device)
     labels = torch.randint(0, 10, (shape["batch"],), generator=generator).to(device)
     row: dict[str, Any] = {"shape": name, "batch": shape["batch"]}
+    for kind in KINDS:  # first, before any compiled graph or CUDA-graph pool holds memory: an eager step's
+        memory = imixer_step.step_memory(build(kind, shape, device), images, labels, device)
+        row |= {f"{kind}_{key}": value for key, value in memory.items()}
     for mode, (compiled, compile_mode) in modes(device, backend).items():
         for kind in KINDS:
             times = step_times(build(kind, shape, device), images, labels, device, compiled, compile_mode, repeats)
@@ -128,9 +144,6 @@ def measure_shape(name: str, shape: dict[str, Any], device: torch.device, backen
         row[f"{mode}_ratio_to_mixer"] = row[f"imixer_{mode}_step_ms"] / row[f"mixer_{mode}_step_ms"]
         row[f"{mode}_ratio_to_reference"] = row[f"imixer_{mode}_step_ms"] / row[f"reference-2_{mode}_step_ms"]
     row["operator_calls_ratio_to_mixer"] = row["imixer_compiled_operator_calls"] / row["mixer_compiled_operator_calls"]
-    for kind in KINDS:  # eager: what autograd saves, and the device's peak on CUDA
-        memory = imixer_step.step_memory(build(kind, shape, device), images, labels, device)
-        row |= {f"{kind}_{key}": value for key, value in memory.items()}
     row |= imixer_step.inverse_residuals(build("imixer", shape, device), images)
     row["reference_residual_max"] = imixer_step.inverse_residuals(build("reference-2", shape, device), images)[
         "residual_max"
@@ -217,18 +230,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     setup = {"quick": args.quick, "repeats": repeats, "backend": backend}
     results: dict[str, Any] = {"config": setup, "machine": common.machine(device)}
+    # Inductor's on-disk caches would make a compile after the first run a cache read: compile from scratch.
+    torch._inductor.config.fx_graph_cache = False
+    torch._inductor.config.autotune_local_cache = False
+    results |= {"steps": [], "solvers": "not reached", "backward": [], "phase_seconds": {}}
+    dim, batch, backward_repeats = (16, 8, 1) if args.quick else (64, 128, 9)
+    phases = [
+        *((name, lambda shape=shape, name=name: results["steps"].append(
+            measure_shape(name, shape, device, backend, repeats))) for name, shape in shapes.items()),
+        ("solvers", lambda: results.update(solvers=solver_ratios(device, args.quick))),
+        ("backward", lambda: results.update(backward=[
+            backward.measure_mlp(dim, batch, coeff, solver, backward_repeats, 0, device)
+            for coeff, solver in ((0.9, "anderson"), (0.99, "broyden"))])),
+    ]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", il.ConvergenceWarning)
-        results["steps"] = [measure_shape(name, shape, device, backend, repeats) for name, shape in shapes.items()]
-        dim, batch, repeats = (16, 8, 1) if args.quick else (64, 128, 9)
-        results["solvers"] = solver_ratios(device, args.quick)
-        results["backward"] = [backward.measure_mlp(dim, batch, coeff, solver, repeats, 0, device)
-                               for coeff, solver in ((0.9, "anderson"), (0.99, "broyden"))]  # fmt: skip
-    results["seconds"] = time.perf_counter() - start
+        for phase, run in phases:  # written after each phase: a run cut short keeps what it measured
+            phase_start = time.perf_counter()
+            run()
+            results["phase_seconds"][phase] = time.perf_counter() - phase_start
+            results["seconds"] = time.perf_counter() - start
+            common.write(args.out, "gpu", results, markdown(results))
     torch.set_num_threads(threads)
     table = markdown(results)
     print(table)
-    common.write(args.out, "gpu", results, table)
     return results
 
 

@@ -128,6 +128,8 @@ def slow_problem(dim: int, batch: int, seed: int) -> TanhProblem:
 
 @given(dim=st.integers(16, 48), seed=st.integers(0, 2**31 - 1))
 def test_acceleration_beats_picard_threefold_on_a_slow_problem(dim, seed):
+    """On the rows Picard finds slow (rate near one and hundreds of its steps), Anderson and Broyden take at
+    most a third of its steps."""
     f = slow_problem(dim, batch=4, seed=seed)
     results = {
         solver: il.solve(f, torch.zeros_like(f.drive), solver=solver, tol=1e-6, max_iter=5000) for solver in BUILTIN

@@ -292,7 +292,8 @@ def step_targets(run: dict[str, Any]) -> list[str]:
     row = next(r for r in run["steps"] if r["shape"] == "s16_224")
     backend = run["config"]["backend"]
     eager, compiled = row["eager_ratio_to_reference"], row["compiled_ratio_to_mixer"]
-    smaller = row["residual_max"] < row["reference_residual_max"]
+    # Smaller by more than rounding: at initialisation both may compute the same two Picard steps.
+    smaller = row["residual_max"] < 0.99 * row["reference_residual_max"]
     calls = row["operator_calls_ratio_to_mixer"]
     return [
         "| `imixer_s16_224` eager training step (batch "

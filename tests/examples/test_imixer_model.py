@@ -397,8 +397,15 @@ def test_torch_compile_breaks_only_at_the_solves_and_compiles_no_more_for_a_deep
         x = torch.randn(4, 1, 8, 8)
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(net)(x)
+        assert explanation.graph_break_count >= 1
         assert all("solve_token_mixer" in str(r.reason) for r in explanation.break_reasons)
         counts.append(explanation.graph_count)
+        torch._dynamo.reset()
         compiled = torch.compile(net, backend="aot_eager")
-        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-6)
+        out = compiled(x)
+        torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-6)
+        # The backward through the compiled graphs and the eager solves gives the eager gradient.
+        (grad,) = torch.autograd.grad(out.square().sum(), net.stem.proj.weight)
+        (expected,) = torch.autograd.grad(net(x).square().sum(), net.stem.proj.weight)
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
     assert counts[0] == counts[1], counts
