@@ -123,20 +123,28 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def seconds_by_seed(runs: list[dict[str, Any]], config: str) -> dict[int, float]:
+    """The total training seconds of each seed's run of ``config``."""
+    return {run["seed"]: sum(e["train_seconds"] for e in run["epochs"]) for run in runs if run["config"] == config}
+
+
+def per_seed_ratios(runs: list[dict[str, Any]], config: str, baseline: str) -> list[float]:
+    """``config``'s total training time over ``baseline``'s, seed by seed (both trained on the same batches)."""
+    ours, theirs = seconds_by_seed(runs, config), seconds_by_seed(runs, baseline)
+    return [ours[seed] / theirs[seed] for seed in ours if theirs.get(seed)]
+
+
 def summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """Per configuration, means (± sample std over seeds) of the training table's quantities."""
     by_config = {name: [run for run in runs if run["config"] == name] for name in names}
-    mixer_seconds = {run["seed"]: sum(e["train_seconds"] for e in run["epochs"]) for run in by_config.get("mixer", [])}
     rows = []
     for name, config_runs in by_config.items():
-        total = {run["seed"]: sum(e["train_seconds"] for e in run["epochs"]) for run in config_runs}
         epochs = len(config_runs[0]["epochs"]) - 1
         first, last = [run["epochs"][0] for run in config_runs], [run["epochs"][-1] for run in config_runs]
         row: dict[str, Any] = {"config": name, "seeds": len(config_runs), "epochs": epochs}
         row["val_top1_mean"], row["val_top1_std"] = mean_std([e["val_top1"] for e in last])
-        row["train_seconds_per_epoch"] = statistics.fmean(total.values()) / max(epochs, 1)
-        ratios = [total[seed] / mixer_seconds[seed] for seed in total if mixer_seconds.get(seed)]
-        row["ratio_to_mixer_mean"], row["ratio_to_mixer_std"] = mean_std(ratios)
+        row["train_seconds_per_epoch"] = statistics.fmean(seconds_by_seed(config_runs, name).values()) / max(epochs, 1)
+        row["ratio_to_mixer_mean"], row["ratio_to_mixer_std"] = mean_std(per_seed_ratios(runs, name, "mixer"))
         quantities = {
             "eval_fwd_max_init": (first, "eval_forward", "nstep_max"),
             "eval_fwd_max_end": (last, "eval_forward", "nstep_max"),

@@ -251,19 +251,6 @@ def targets_table(cpu: dict[str, Any], gpu: dict[str, Any]) -> str:
 TRAINING = ROOT / "docs" / "assets" / "imixer_training"
 
 
-def _totals(task: dict[str, Any], config: str) -> dict[int, float]:
-    return {
-        run["seed"]: sum(epoch["train_seconds"] for epoch in run["epochs"])
-        for run in task["runs"]
-        if run["config"] == config
-    }
-
-
-def _per_seed_ratio(task: dict[str, Any], config: str, baseline: str) -> float:
-    ours, theirs = _totals(task, config), _totals(task, baseline)
-    return statistics.fmean(ours[seed] / theirs[seed] for seed in ours)
-
-
 def trajectory_targets(task_name: str, task: dict[str, Any]) -> list[str]:
     """Rows of the accuracy, time and iteration targets of the default on one task of the training run."""
     name = render.default_config(task)
@@ -271,13 +258,13 @@ def trajectory_targets(task_name: str, task: dict[str, Any]) -> list[str]:
     default, mixer, reference = rows[name], rows["mixer"], rows["reference-2"]
     top1 = default["val_top1_mean"]
     accuracy_met = top1 >= mixer["val_top1_mean"] - 0.2 and top1 >= reference["val_top1_mean"] - 0.2
-    to_reference = _per_seed_ratio(task, name, "reference-2")
+    to_reference = statistics.fmean(render.per_seed_ratios(task["runs"], name, "reference-2"))
     growth = default["eval_fwd_max_end"] - default["eval_fwd_max_init"]
-    seeds = len(_totals(task, name))
     return [
         f"| `{task_name}`: accuracy ≥ the Mixer's − 0.2 pt and ≥ `reference-2`'s − 0.2 pt | "
         f"{_verdict(accuracy_met)}: default (`{name}`) {top1:.2f} %, Mixer "
-        f"{mixer['val_top1_mean']:.2f} %, `reference-2` {reference['val_top1_mean']:.2f} % (means of {seeds} seeds) |",
+        f"{mixer['val_top1_mean']:.2f} %, `reference-2` {reference['val_top1_mean']:.2f} % "
+        f"(means of {default['seeds']} seeds) |",
         f"| `{task_name}`: training time ≤ 1.2× `reference-2`'s | {_verdict(to_reference <= 1.2)}: "
         f"{_x(to_reference)} (mean over seeds of the per-seed ratio of total training time; "
         f"{_x(default['ratio_to_mixer_mean'])} the Mixer's) |",
