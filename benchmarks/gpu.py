@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -59,15 +58,13 @@ SHAPES = {
 }
 
 
-# What a step is measured for: timm's Mixer, the reference loop (two Picard steps) and the library's defaults.
-KINDS = {"mixer": ("mixer", {}), "reference-2": ("imixer", {"reference_iterations": 2}), "imixer": ("imixer", {})}
+# What a step is measured for (presets of benchmarks/common.py): timm's Mixer, the reference loop (two Picard
+# steps) and the library's defaults.
+KINDS = ("mixer", "reference-2", "imixer")
 
 
 def build(kind: str, shape: dict[str, Any], device: torch.device) -> nn.Module:
-    model, options = KINDS[kind]
-    torch.manual_seed(0)
-    net = timm.create_model(f"{model}_{shape['model']}", num_classes=10, **shape["kwargs"], **options)
-    return net.to(device).train()
+    return imixer_step.build(shape["model"], common.PRESETS[kind], device, **shape["kwargs"])
 
 
 def step_times(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -127,10 +124,7 @@ def modes(device: torch.device, backend: str) -> dict[str, tuple[str | None, str
 
 
 def measure_shape(name: str, shape: dict[str, Any], device: torch.device, backend: str, repeats: int) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(1)
-    size = (shape["batch"], shape["channels"], shape["img_size"], shape["img_size"])
-    images = torch.randn(size, generator=generator).to(device)
-    labels = torch.randint(0, 10, (shape["batch"],), generator=generator).to(device)
+    images, labels = imixer_step.random_batch(shape["batch"], shape["channels"], shape["img_size"], device)
     row: dict[str, Any] = {"shape": name, "batch": shape["batch"]}
     for kind in KINDS:  # first, before any compiled graph or CUDA-graph pool holds memory: an eager step's
         memory = imixer_step.step_memory(build(kind, shape, device), images, labels, device)

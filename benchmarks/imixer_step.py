@@ -117,18 +117,23 @@ def is_mixer(options: dict[str, Any]) -> bool:
     return options.get("model") == "mixer"
 
 
-def build(size: str, options: dict[str, Any], device: torch.device) -> nn.Module:
+def build(size: str, options: dict[str, Any], device: torch.device, **shape: Any) -> nn.Module:
+    """The ``size`` model of a configuration (seeded), ``shape`` overriding its registered shape."""
     torch.manual_seed(0)
     if is_mixer(options):
-        return timm.create_model(f"mixer_{size}", num_classes=10).to(device)
-    return timm.create_model(f"imixer_{size}", num_classes=10, **common.model_kwargs(options)).to(device)
+        return timm.create_model(f"mixer_{size}", num_classes=10, **shape).to(device)
+    return timm.create_model(f"imixer_{size}", num_classes=10, **common.model_kwargs(options), **shape).to(device)
+
+
+def random_batch(batch: int, channels: int, img_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Seeded random images and labels: every model of a run sees the same batch."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, channels, img_size, img_size, generator=generator).to(device)
+    return images, torch.randint(0, 10, (batch,), generator=generator).to(device)
 
 
 def batch_of(size: str, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    img_size = SIZES[size]["img_size"]
-    images = torch.randn(batch, 3, img_size, img_size, generator=generator).to(device)
-    return images, torch.randint(0, 10, (batch,), generator=generator).to(device)
+    return random_batch(batch, 3, SIZES[size]["img_size"], device)
 
 
 # ---------------------------------------------------------------------------------- measures
