@@ -1,16 +1,7 @@
 """Every table the benchmarks print, rendered from their JSON alone: no torch, no benchmark import.
 
-The benchmark scripts call these renderers on the results they have just written, and
-``docs/scripts/benchmark_tables.py`` and ``docs/scripts/digits_runs.py`` call them on the checked-in JSON,
-so a published table is a function of its JSON (``tests/test_docs_numbers.py`` re-renders each one).
-Matplotlib is imported only by :func:`plot_training`.
-
-**Which training configuration is the library's default.** ``imixer_training`` records, per
-configuration, ``is_default``: whether ``IMixerSettings`` built from its options equals
-``IMixerSettings()`` (computed when the benchmark ran, with the settings of that code), and the
-results record those defaults under ``defaults``. :func:`default_config` trusts ``is_default``; a JSON
-written before that field existed falls back to a configuration whose options are empty (the defaults
-of its day, by construction). Nothing here reads the model's source.
+The scripts print with these renderers and ``docs/scripts/`` renders the checked-in JSON with them, so a
+published table is a function of its JSON (``tests/test_docs_numbers.py`` re-renders each one).
 """
 
 from __future__ import annotations
@@ -23,8 +14,8 @@ from typing import Any
 
 OURS = ("picard", "anderson", "broyden")
 PAIRS = {"picard": "torchdeq.fixed_point_iter", "anderson": "torchdeq.anderson", "broyden": "torchdeq.broyden"}
+GPU_KINDS = ("mixer", "reference-2", "imixer")  # the models benchmarks/gpu.py measures, by preset
 VANILLA = ("vanilla", "mixer")  # the vanilla Mixer's row: its name before and after the one vocabulary
-EPOCHS_SHOWN = (1, 5, 10, 15, 20)  # digits runs: the epochs whose largest iteration count is listed
 
 
 def fmt(value: Any, spec: str, none: str = "-") -> str:
@@ -35,9 +26,14 @@ def options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()) or "defaults"
 
 
+def _row(*cells: Any) -> str:
+    """A Markdown table row."""
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 # ------------------------------------------------------------------------------ imixer_step
 def step_markdown(results: dict[str, Any]) -> str:
-    """The step benchmark's tables: per size the modes, the equal-residual pairs; memory growth; trained."""
+    """The step benchmark's tables: per size the modes and the equal-residual pairs; the memory growth."""
     info = results["machine"]
     lines = [
         f"# iMixer training step ({info['date_utc']} UTC, {info['device_name']}, {info['device']}, "
@@ -58,10 +54,8 @@ def step_markdown(results: dict[str, Any]) -> str:
             cells = [row["model"], row["mode"], f"{row['step_ms']:.1f}", f"{row['step_ratio_to_vanilla']:.2f}"]
             cells += [fmt(row["residual_max"], ".2e"), fmt(row["solver_residual_max"], ".2e"), iters]
             cells += [fmt(row["unconverged"], ".2f"), f"{row['saved_peak_mb']:.1f}"]
-            if cuda:
-                cells.append(fmt(row["cuda_peak_mb"], ".1f"))
-            cells += [f"{row['images_per_s']:.1f}", f"{row['throughput_ratio_to_vanilla']:.2f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            cells += [fmt(row["cuda_peak_mb"], ".1f")] if cuda else []
+            lines.append(_row(*cells, f"{row['images_per_s']:.1f}", f"{row['throughput_ratio_to_vanilla']:.2f}"))
         lines += [
             "",
             f"At equal inverse residual ({size}): each solved mode against the cheapest reference mode whose "
@@ -71,11 +65,9 @@ def step_markdown(results: dict[str, Any]) -> str:
             "|---|---:|---|---:|---:|---:|",
         ]
         for c in block["equal_residual"]:
-            lines.append(
-                f"| {c['mode']} | {c['residual_max']:.2e} | {c['reference'] or 'none'} | "
-                f"{fmt(c['reference_residual_max'], '.2e')} | {fmt(c['step_ratio'], '.2f')} | "
-                f"{fmt(c['throughput_ratio'], '.2f')} |"
-            )
+            lines.append(_row(c["mode"], f"{c['residual_max']:.2e}", c["reference"] or "none",
+                              fmt(c["reference_residual_max"], ".2e"), fmt(c["step_ratio"], ".2f"),
+                              fmt(c["throughput_ratio"], ".2f")))  # fmt: skip
         lines.append("")
     growth = results["memory_growth"]
     lines += [
@@ -87,26 +79,8 @@ def step_markdown(results: dict[str, Any]) -> str:
     for kind, label in (("ift", "anderson/ift, tol 0"), ("reference", "reference-n")):
         g = growth[kind]
         two, sixteen = g["2"]["saved_peak_mb"], g["16"]["saved_peak_mb"]
-        lines.append(f"| {label} | {two:.2f} | {sixteen:.2f} | {g['growth_16_over_2']:.2f} |")
-    trained = results.get("trained")
-    if trained:
-        lines += [
-            "",
-            f"## The step at initialisation and after {trained['epochs']} epochs ({trained['task']}, digits 4 × 128 "
-            f"recipe, batch {trained['batch']}, CPU)",
-            "",
-            "| mode | step ms at init | × vanilla | worst block's iterations | step ms trained | × vanilla | "
-            "worst block's iterations |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in trained["rows"]:
-            lines.append(
-                f"| {row['mode']} | {row['init_step_ms']:.1f} | {row['init_ratio_to_vanilla']:.2f} | "
-                f"{fmt(row['init_nstep_max'], '.0f')} | {row['trained_step_ms']:.1f} | "
-                f"{row['trained_ratio_to_vanilla']:.2f} | {fmt(row['trained_nstep_max'], '.0f')} |"
-            )
-    lines += ["", f"Total {results['seconds']:.1f} s."]
-    return "\n".join(lines)
+        lines.append(_row(label, f"{two:.2f}", f"{sixteen:.2f}", f"{g['growth_16_over_2']:.2f}"))
+    return "\n".join([*lines, "", f"Total {results['seconds']:.1f} s."])
 
 
 # -------------------------------------------------------------------------- imixer_training
@@ -134,35 +108,37 @@ def per_seed_ratios(runs: list[dict[str, Any]], config: str, baseline: str) -> l
     return [ours[seed] / theirs[seed] for seed in ours if theirs.get(seed)]
 
 
+# The training table's per-block quantities: summary key, epoch (0: the first, -1: the last), record part, key.
+SUMMARY_QUANTITIES = [
+    ("eval_fwd_max_init", 0, "eval_forward", "nstep_max"),
+    ("eval_fwd_max_end", -1, "eval_forward", "nstep_max"),
+    ("train_fwd_mean_end", -1, "train_forward", "nstep_mean"),
+    ("train_fwd_max_mean_end", -1, "train_forward", "nstep_max_mean"),
+    ("train_fwd_max_end", -1, "train_forward", "nstep_max"),
+    ("bwd_mean_end", -1, "backward", "nstep_mean"),
+    ("bwd_max_end", -1, "backward", "nstep_max"),
+    ("inverse_residual_init", 0, "diagnostics", "inverse_residual_max"),
+    ("inverse_residual_end", -1, "diagnostics", "inverse_residual_max"),
+    ("inverse_error_end", -1, "diagnostics", "inverse_error_max"),
+    ("spectral_radius_init", 0, "diagnostics", "spectral_radius_max"),
+    ("spectral_radius_end", -1, "diagnostics", "spectral_radius_max"),
+    ("lipschitz_bound_end", -1, "diagnostics", "lipschitz_bound"),
+    ("lipschitz_weights_end", -1, "diagnostics", "lipschitz_weights"),
+]
+
+
 def summarise(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """Per configuration, means (± sample std over seeds) of the training table's quantities."""
-    by_config = {name: [run for run in runs if run["config"] == name] for name in names}
     rows = []
-    for name, config_runs in by_config.items():
+    for name in names:
+        config_runs = [run for run in runs if run["config"] == name]
         epochs = len(config_runs[0]["epochs"]) - 1
-        first, last = [run["epochs"][0] for run in config_runs], [run["epochs"][-1] for run in config_runs]
         row: dict[str, Any] = {"config": name, "seeds": len(config_runs), "epochs": epochs}
-        row["val_top1_mean"], row["val_top1_std"] = mean_std([e["val_top1"] for e in last])
+        row["val_top1_mean"], row["val_top1_std"] = mean_std([run["epochs"][-1]["val_top1"] for run in config_runs])
         row["train_seconds_per_epoch"] = statistics.fmean(seconds_by_seed(config_runs, name).values()) / max(epochs, 1)
         row["ratio_to_mixer_mean"], row["ratio_to_mixer_std"] = mean_std(per_seed_ratios(runs, name, "mixer"))
-        quantities = {
-            "eval_fwd_max_init": (first, "eval_forward", "nstep_max"),
-            "eval_fwd_max_end": (last, "eval_forward", "nstep_max"),
-            "train_fwd_mean_end": (last, "train_forward", "nstep_mean"),
-            "train_fwd_max_mean_end": (last, "train_forward", "nstep_max_mean"),
-            "train_fwd_max_end": (last, "train_forward", "nstep_max"),
-            "bwd_mean_end": (last, "backward", "nstep_mean"),
-            "bwd_max_end": (last, "backward", "nstep_max"),
-            "inverse_residual_init": (first, "diagnostics", "inverse_residual_max"),
-            "inverse_residual_end": (last, "diagnostics", "inverse_residual_max"),
-            "inverse_error_end": (last, "diagnostics", "inverse_error_max"),
-            "spectral_radius_init": (first, "diagnostics", "spectral_radius_max"),
-            "spectral_radius_end": (last, "diagnostics", "spectral_radius_max"),
-            "lipschitz_bound_end": (last, "diagnostics", "lipschitz_bound"),
-            "lipschitz_weights_end": (last, "diagnostics", "lipschitz_weights"),
-        }
-        for key, (records, part, quantity) in quantities.items():
-            row[key] = mean_std([worst(e[part], quantity) for e in records])[0]
+        for key, epoch, part, quantity in SUMMARY_QUANTITIES:
+            row[key] = mean_std([worst(run["epochs"][epoch][part], quantity) for run in config_runs])[0]
         rows.append(row)
     return rows
 
@@ -182,6 +158,28 @@ TRAINING_HEADER = (
     "| train fwd iters end: mean / slowest row (mean, max) | bwd iters end: mean / max "
     "| inverse residual: init → end | ‖z − z*‖ / ‖z*‖ end | ρ(J_F) max: init → end | Lip bound: certified / weights |"
 )
+
+
+def _training_row(row: dict[str, Any], options: dict[str, Any]) -> str:
+    train_fwd = "-"
+    if row["train_fwd_mean_end"] is not None:
+        train_fwd = (
+            f"{row['train_fwd_mean_end']:.2f} / {row['train_fwd_max_mean_end']:.2f}, {row['train_fwd_max_end']:.1f}"
+        )
+    return _row(
+        row["config"],
+        options_text(options),
+        _pm(row["val_top1_mean"], row["val_top1_std"], ".2f"),
+        fmt(row["train_seconds_per_epoch"], ".2f"),
+        _pm(row["ratio_to_mixer_mean"], row["ratio_to_mixer_std"], ".2f"),
+        _pair(row["eval_fwd_max_init"], row["eval_fwd_max_end"], ".1f", " → "),
+        train_fwd,
+        _pair(row["bwd_mean_end"], row["bwd_max_end"], ".2f"),
+        _pair(row["inverse_residual_init"], row["inverse_residual_end"], ".2e", " → "),
+        fmt(row["inverse_error_end"], ".2e"),
+        _pair(row["spectral_radius_init"], row["spectral_radius_end"], ".3f", " → "),
+        _pair(row["lipschitz_bound_end"], row["lipschitz_weights_end"], ".3f"),
+    )
 
 
 def training_markdown(results: dict[str, Any]) -> str:
@@ -209,31 +207,9 @@ def training_markdown(results: dict[str, Any]) -> str:
             "",
             TRAINING_HEADER,
             "|" + "---|" * 2 + "---:|" * 10,
+            *(_training_row(row, options[row["config"]]) for row in task["summary"]),
         ]
-        for row in task["summary"]:
-            train_fwd = "-"
-            if row["train_fwd_mean_end"] is not None:
-                train_fwd = (
-                    f"{row['train_fwd_mean_end']:.2f} / {row['train_fwd_max_mean_end']:.2f}, "
-                    f"{row['train_fwd_max_end']:.1f}"
-                )
-            cells = [
-                row["config"],
-                options_text(options[row["config"]]),
-                _pm(row["val_top1_mean"], row["val_top1_std"], ".2f"),
-                fmt(row["train_seconds_per_epoch"], ".2f"),
-                _pm(row["ratio_to_mixer_mean"], row["ratio_to_mixer_std"], ".2f"),
-                _pair(row["eval_fwd_max_init"], row["eval_fwd_max_end"], ".1f", " → "),
-                train_fwd,
-                _pair(row["bwd_mean_end"], row["bwd_max_end"], ".2f"),
-                _pair(row["inverse_residual_init"], row["inverse_residual_end"], ".2e", " → "),
-                fmt(row["inverse_error_end"], ".2e"),
-                _pair(row["spectral_radius_init"], row["spectral_radius_end"], ".3f", " → "),
-                _pair(row["lipschitz_bound_end"], row["lipschitz_weights_end"], ".3f"),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Total {results['seconds']:.0f} s."]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Total {results['seconds']:.0f} s."])
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -252,11 +228,15 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def default_config(task: dict[str, Any]) -> str:
-    """The name of the training task's configuration that ran the library's defaults (module docstring)."""
+    """The name of the training task's configuration that ran the library's defaults.
+
+    ``imixer_training`` records per configuration ``is_default`` (its settings equal ``IMixerSettings()`` of the
+    code that ran); a JSON from before that field falls back to empty options, the defaults of its day.
+    """
     configs = task["configs"]
     if any("is_default" in config for config in configs):
         found = [config["name"] for config in configs if config.get("is_default")]
-    else:  # written before configurations recorded it: empty options were the defaults of that code
+    else:
         found = [config["name"] for config in configs if config["options"] == {}]
     if not found:
         raise ValueError("the training run has no configuration with the library's default settings")
@@ -274,30 +254,17 @@ def _curve(runs: list[dict[str, Any]], value: Callable[[dict[str, Any]], float |
     return epochs, means
 
 
+# The training plot's panels: title, the epoch record's part (None: the record itself), its key, y scale.
 TRAINING_PANELS = [
-    ("val top-1 (%)", lambda e: e["val_top1"], "linear"),
-    (
-        "train fwd iterations, worst block\n(mean over forwards of the slowest row)",
-        lambda e: worst(e["train_forward"], "nstep_max_mean"),
-        "linear",
-    ),
-    (
-        "bwd iterations, worst block\n(mean over backwards of the slowest row)",
-        lambda e: worst(e["backward"], "nstep_max_mean"),
-        "linear",
-    ),
-    (
-        "ρ(J_F(z*)) max over rows, worst block\n(dashed: Lipschitz bound of the weights)",
-        lambda e: worst(e["diagnostics"], "spectral_radius_max"),
-        "linear",
-    ),
-    (
-        "inverse residual ‖z − x − F(z)‖/‖z‖\n(max over rows, worst block)",
-        lambda e: worst(e["diagnostics"], "inverse_residual_max"),
-        "log",
-    ),
-    ("train loss", lambda e: e["train_loss"], "linear"),
-]
+    ("val top-1 (%)", None, "val_top1", "linear"),
+    ("train fwd iterations, worst block\n(mean over forwards of the slowest row)", "train_forward", "nstep_max_mean",
+     "linear"),
+    ("bwd iterations, worst block\n(mean over backwards of the slowest row)", "backward", "nstep_max_mean", "linear"),
+    ("ρ(J_F(z*)) max over rows, worst block\n(dashed: Lipschitz bound of the weights)", "diagnostics",
+     "spectral_radius_max", "linear"),
+    ("inverse residual ‖z − x − F(z)‖/‖z‖\n(max over rows, worst block)", "diagnostics", "inverse_residual_max", "log"),
+    ("train loss", None, "train_loss", "linear"),
+]  # fmt: skip
 
 
 def plot_training(task: dict[str, Any], path: Path) -> None:
@@ -308,20 +275,22 @@ def plot_training(task: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    def value(part: str | None, key: str) -> Callable[[dict[str, Any]], float | None]:
+        return lambda record: record[key] if part is None else worst(record[part], key)
+
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    names = [config["name"] for config in task["configs"]]
-    for ax, (title, value, scale) in zip(axes.flat, TRAINING_PANELS, strict=True):
-        for index, name in enumerate(names):
-            runs = [run for run in task["runs"] if run["config"] == name]
+    for ax, (title, part, key, scale) in zip(axes.flat, TRAINING_PANELS, strict=True):
+        for index, config in enumerate(task["configs"]):
+            runs = [run for run in task["runs"] if run["config"] == config["name"]]
             color = colors[index % len(colors)]
-            epochs, means = _curve(runs, value)
-            if epochs:
-                ax.plot(epochs, means, marker="o", ms=3, color=color, label=name)
+            curves = [(value(part, key), {"marker": "o", "ms": 3, "label": config["name"]})]
             if title.startswith("ρ"):
-                epochs, means = _curve(runs, lambda e: worst(e["diagnostics"], "lipschitz_weights"))
+                curves.append((value("diagnostics", "lipschitz_weights"), {"ls": "--", "lw": 1}))
+            for curve, style in curves:
+                epochs, means = _curve(runs, curve)
                 if epochs:
-                    ax.plot(epochs, means, ls="--", color=color, lw=1)
+                    ax.plot(epochs, means, color=color, **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -345,13 +314,13 @@ def backward_mlp_markdown(results: list[dict[str, Any]]) -> str:
             "",
             "| gradient mode | relative error | cosine | backward ms (median) | × ift |",
             "|---|---|---|---|---|",
-        ]
-        for row in setting["modes"]:
-            lines.append(
-                f"| {row['mode']} | {row['relative_error']:.2e} | {row['cosine']:.5f} | "
-                f"{1000 * row['backward_seconds']:.2f} | {row['time_ratio_to_ift']:.2f} |"
-            )
-        lines.append("")
+            *(
+                _row(row["mode"], f"{row['relative_error']:.2e}", f"{row['cosine']:.5f}",
+                     f"{1000 * row['backward_seconds']:.2f}", f"{row['time_ratio_to_ift']:.2f}")
+                for row in setting["modes"]
+            ),
+            "",
+        ]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -371,50 +340,60 @@ def backward_imixer_markdown(results: dict[str, Any]) -> str:
         "",
         "| mode | ‖g − g*‖ / ‖g*‖ | cosine(g, g*) | forward ms | backward ms | backward × ift |",
         "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in results["modes"]:
-        lines.append(
-            f"| {row['mode']} | {row['relative_error']:.2e} | {row['cosine']:.4f} | "
-            f"{1e3 * row['forward_seconds']:.1f} | {1e3 * row['backward_seconds']:.1f} | {row['backward_vs_ift']:.2f} |"
-        )
+        *(
+            _row(row["mode"], f"{row['relative_error']:.2e}", f"{row['cosine']:.4f}",
+                 f"{1e3 * row['forward_seconds']:.1f}", f"{1e3 * row['backward_seconds']:.1f}",
+                 f"{row['backward_vs_ift']:.2f}")
+            for row in results["modes"]
+        ),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-# When each kind of gradient mode is the one to pick (the editorial column of the choosing table).
-PICK_WHEN = {
-    "IFT": "the default: the gradient of the function evaluated, to the adjoint's tolerance; constant memory",
-    "Shine": "the backward solve is the bottleneck; refinements move it towards the IFT's gradient",
-    "Phantom": "an approximate gradient from a few damped steps; its cost grows with them (see its rows)",
-    "JFB": "one backward through f at z*; the gradient is only a descent direction",
-}
-
-
-def choosing_table(results: dict[str, Any]) -> str:
-    """ "Choosing a gradient mode": each mode's exactness, error and backward cost on the trained iMixer of
-    ``backward --problem imixer`` (its JSON), what it supports, and when to pick it."""
+# ---------------------------------------------------------------------------------------- gpu
+def gpu_markdown(results: dict[str, Any]) -> str:
+    """``gpu.md``: the steps, the memory, residuals and operators, the solvers against TorchDEQ, the gradient modes."""
+    info, config, steps = results["machine"], results["config"], results["steps"]
+    modes = [mode for mode in ("eager", "compiled", "cudagraphs") if f"{mode}_ratio_to_mixer" in steps[0]]
     lines = [
-        "| mode | exact? | ‖g − g*‖ / ‖g*‖ | backward × IFT | supports | pick it when |",
-        "|---|---|---:|---:|---|---|",
+        f"# The GPU run ({info['date_utc']} UTC, {info['device_name']}, commit {info['git_commit']}"
+        f"{' with local changes' if info['git_dirty'] else ''}, torch {info['torch']}, timm {info['timm']}"
+        f"{', quick' if config['quick'] else ''})",
+        "",
+        "Training steps of the iMixer with the library's defaults and of the reference loop (`reference-2`), against "
+        f"timm's Mixer of the same shape run the same way (median of {config['repeats']} steps after warm-up; "
+        f"torch.compile backend {config['backend']}; `cudagraphs`: mode `reduce-overhead`). Memory: what autograd "
+        "saves in an eager step (and the device's peak on CUDA). Residual: the recomputed relative inverse residual, "
+        "max over blocks and rows.",
+        "",
+        "| shape | batch | step | iMixer ms | × mixer | × reference-2 | compile s (iMixer) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for row in results["modes"]:
-        exact = "yes, to the adjoint's tolerance" if row["solved_exactly"] else "no: approximate"
-        supports, pick = row["transforms"], PICK_WHEN.get(row["kind"], "")
-        if row["kind"] == "IFT" and not row["solved_exactly"]:  # a capped adjoint solve
-            supports = "every order and every transform, each derivative as approximate as the capped adjoint"
-            pick = "a fixed adjoint budget: cheaper, and further from the IFT's gradient as the contraction slows"
-        lines.append(
-            f"| `{row['settings']}` | {exact} | {row['relative_error']:.1e} | {row['backward_vs_ift']:.2f} "
-            f"| {supports} | {pick} |"
-        )
-    settings = ", ".join(f"{key} {value}" for key, value in results["settings"].items())
-    return (
-        "\n".join(lines)
-        + f"\n\n*The iMixer ({settings}) trained {results['epochs']} epochs on `{results['task']}`; one batch of "
-        f"{results['batch']} images against the float64 gradient solved to 1e-10 / 1e-12; backward times are "
-        f"medians of {results['repeats']}, relative to the IFT's, on {results['machine']['date_utc'][:10]} "
-        f"(commit `{str(results['machine'].get('git_commit'))[:12]}`). `python -m benchmarks.backward --problem "
-        "imixer --docs`.*\n"
-    )
+    for r in steps:
+        lines += [f"| {r['shape']} | {r['batch']} | {mode} | {r[f'imixer_{mode}_step_ms']:.1f} | "
+                  f"{r[f'{mode}_ratio_to_mixer']:.2f} | {r[f'{mode}_ratio_to_reference']:.2f} | "
+                  f"{fmt(r[f'imixer_{mode}_compile_s'], '.1f', '–')} |" for mode in modes]  # fmt: skip
+    lines += ["", "| shape | saved MB: mixer / reference-2 / iMixer | device peak MB | residual: iMixer / reference-2 "
+              "| iters max | compiled step's operators: mixer / reference-2 / iMixer (× mixer) |",
+              "|---|---|---|---|---:|---|"]  # fmt: skip
+    for r in steps:
+        saved = " / ".join(f"{r[f'{kind}_saved_peak_mb']:.1f}" for kind in GPU_KINDS)
+        peak = " / ".join(fmt(r[f"{kind}_cuda_peak_mb"], ".0f", "–") for kind in GPU_KINDS)
+        calls = " / ".join(str(r[f"{kind}_compiled_operator_calls"]) for kind in GPU_KINDS)
+        lines.append(f"| {r['shape']} | {saved} | {peak} | {r['residual_max']:.2e} / {r['reference_residual_max']:.2e} "
+                     f"| {r['nstep_max']:.0f} | {calls} ({r['operator_calls_ratio_to_mixer']:.2f}) |")  # fmt: skip
+    lines += ["", "## Solvers against TorchDEQ (float32 tanh map, time ratio ours / theirs)", ""]
+    if isinstance(results["solvers"], str):
+        lines.append(f"Not run: {results['solvers']}.")
+    else:
+        lines += [
+            "| ours | TorchDEQ | forward time × | backward time × | success difference |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in results["solvers"]:
+            forward, adjoint = fmt(r["time_median_s"], ".2f", "–"), fmt(r["backward_time_median_s"], ".2f", "–")
+            lines.append(f"| {r['ours']} | {r['torchdeq']} | {forward} | {adjoint} | {r['success_rate_diff']:+.2f} |")
+    return "\n".join([*lines, "", "## Gradient modes", "", backward_mlp_markdown(results["backward"])])
 
 
 # ------------------------------------------------------------------------------------ solvers
@@ -429,12 +408,10 @@ def solvers_table(results: list[dict], pair_ratios: list[dict]) -> str:
     for r in results:
         ratio = ratio_index.get((r["problem"], r["dtype"], r["solver"]), {})
         bwd = None if r["backward_time_median_s"] is None else 1e3 * r["backward_time_median_s"]
-        lines.append(
-            f"| {r['problem']} | {r['dtype']} | {r['solver']} | {r['success_rate']:.2f} | {r['nstep_median']:.0f} "
-            f"| {r['nstep_max']} | {1e3 * r['time_median_s']:.2f} | {fmt(bwd, '.2f', '–')} "
-            f"| {fmt(r['backward_success_rate'], '.2f', '–')} | {fmt(ratio.get('time_median_s'), '.2f', '–')} "
-            f"| {fmt(ratio.get('backward_time_median_s'), '.2f', '–')} |"
-        )
+        lines.append(_row(r["problem"], r["dtype"], r["solver"], f"{r['success_rate']:.2f}", f"{r['nstep_median']:.0f}",
+                          r["nstep_max"], f"{1e3 * r['time_median_s']:.2f}", fmt(bwd, ".2f", "–"),
+                          fmt(r["backward_success_rate"], ".2f", "–"), fmt(ratio.get("time_median_s"), ".2f", "–"),
+                          fmt(ratio.get("backward_time_median_s"), ".2f", "–")))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -442,28 +419,24 @@ def solvers_summary(results: list[dict], pair_ratios: list[dict]) -> str:
     """One row per problem and dtype: success and forward-time ratio of each solver against TorchDEQ's."""
     success = {(r["problem"], r["dtype"], r["solver"]): r["success_rate"] for r in results}
     ratio_index = {(r["problem"], r["dtype"], r["ours"]): r["time_median_s"] for r in pair_ratios}
-    cases = list(dict.fromkeys((r["problem"], r["dtype"]) for r in results))
-    header, rule = "| problem | dtype |", "|---|---|"
-    for ours in OURS:
-        header += f" {ours} success (td) | {ours} time × td |"
-        rule += "---:|---:|"
-    lines = [header, rule]
-    for problem, dtype in cases:
+    header = "| problem | dtype |" + "".join(f" {ours} success (td) | {ours} time × td |" for ours in OURS)
+    lines = [header, "|---|---|" + "---:|---:|" * len(OURS)]
+    for problem, dtype in dict.fromkeys((r["problem"], r["dtype"]) for r in results):
         cells = [problem, dtype]
         for ours in OURS:
             theirs = success.get((problem, dtype, PAIRS[ours]))
             cells.append(f"{success[(problem, dtype, ours)]:.2f} ({fmt(theirs, '.2f', '–')})")
             cells.append(fmt(ratio_index.get((problem, dtype, ours)), ".2f", "–"))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(*cells))
     for ours in ("anderson", "broyden"):
         values = [r["time_median_s"] for r in pair_ratios if r["ours"] == ours and r["time_median_s"] is not None]
         at_least = sum(r["success_rate_diff"] >= 0 for r in pair_ratios if r["ours"] == ours)
-        lines.append("")
-        lines.append(
+        lines += [
+            "",
             f"{ours}: time ≤ 0.7× TorchDEQ's in {sum(v <= 0.7 for v in values)} of {len(values)} cases "
             f"(median ratio {statistics.median(values):.2f}, max {max(values):.2f}); success ≥ TorchDEQ's in "
-            f"{at_least} of {sum(r['ours'] == ours for r in pair_ratios)}."
-        )
+            f"{at_least} of {sum(r['ours'] == ours for r in pair_ratios)}.",
+        ]
     return "\n".join(lines)
 
 
@@ -475,14 +448,12 @@ def core_report(results: dict[str, Any]) -> str:
     lines = [
         f"P3 inverse accuracy (tol {p3['tol']:g}; max per-sample ||x' - x|| / ||x||; holds if <= {p3['threshold']:g})",
         f"  {'layer':<20} " + " ".join(f"{s:>10}" for s in solvers),
-    ]
-    for layer, per_solver in p3["max_rel_error"].items():
-        lines.append(f"  {layer:<20} " + " ".join(f"{per_solver[s]:>10.2e}" for s in solvers))
-    lines.append(f"  holds: {p3['holds']}")
-    lines.append(
+        *(f"  {layer:<20} " + " ".join(f"{errors[s]:>10.2e}" for s in solvers)
+          for layer, errors in p3["max_rel_error"].items()),
+        f"  holds: {p3['holds']}",
         f"\nP4 IFT gradients (tol {p4['tol']:g}) vs unrolled Picard ({p4['unrolled_steps']} steps) and closed form; "
-        f"relative errors, holds if <= {p4['threshold']:g}"
-    )
+        f"relative errors, holds if <= {p4['threshold']:g}",
+    ]  # fmt: skip
     columns = ["vs_unrolled_params", "vs_unrolled_inputs", "vs_closed_form_params", "vs_closed_form_inputs"]
     lines.append(f"  {'gradient':<14} " + " ".join(f"{c:>22}" for c in columns))
     for name, row in p4["rel_error"].items():
@@ -513,55 +484,6 @@ def warm_start_table(results: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
-        lines.append(
-            f"| {r['sigma']:g} | {r['cold_evaluations']} | {r['warm_evaluations']} | {r['evaluation_ratio']:.2f} "
-            f"| {r['cold_seconds']:.3f} | {r['warm_seconds']:.3f} | {r['time_ratio']:.2f} |"
-        )
+        counts = [f"{r['sigma']:g}", r["cold_evaluations"], r["warm_evaluations"], f"{r['evaluation_ratio']:.2f}"]
+        lines.append(_row(*counts, f"{r['cold_seconds']:.3f}", f"{r['warm_seconds']:.3f}", f"{r['time_ratio']:.2f}"))
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------- digits runs
-def reproduced(run: dict) -> bool:
-    """Whether every repeat of a digits run gave the same accuracies and iteration counts (its raw record)."""
-    each = run["deterministic_each"]
-    return len(each) >= 2 and all(repeat == each[0] for repeat in each)
-
-
-def digits_table(record: dict) -> str:
-    """The Markdown table (and its caption) of ``docs/assets/imixer/digits_runs.json``."""
-    m = record["machine"]
-    lines = [
-        "| run | `train.py` options | val top-1 % | training s "
-        "| iterations mean / max, last epoch "
-        f"| max iterations at epochs {', '.join(map(str, EPOCHS_SHOWN))} |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for r in record["runs"]:
-        options = f"`{r['options']}`" if r["options"] else "(none)"
-        if r["iters_max_final"] is None:
-            iters, trend = "–", "–"
-        else:
-            iters = f"{r['iters_mean_final']:.1f} / {r['iters_max_final']:.0f}"
-            by_epoch = r["iters_max_by_epoch"]
-            trend = " → ".join(fmt(by_epoch[e - 1], ".0f", "–") for e in EPOCHS_SHOWN if e <= len(by_epoch))
-        mark = "" if reproduced(r) else " (one run)" if len(r["deterministic_each"]) < 2 else " (not reproduced)"
-        lines.append(
-            f"| {r['label']}{mark} | {options} | {r['final_top1']:.2f} | {r['train_seconds']:.0f} | {iters} | {trend} |"
-        )
-    modified = ", with local changes" if m["code_modified"] else ""
-    caption = (
-        f"*`python examples/imixer/train.py` with each row's options (20 epochs, batch 128, AdamW "
-        f"4e-3, one torch thread), {record['repeats']} interleaved runs of each on {m['cpus']} "
-        f"shared CPU cores, {m['date_utc']}, "
-        f"commit `{m['commit']}`{modified}, torch {m['torch']}, timm {m['timm']}. "
-        "Generated by `docs/scripts/digits_runs.py` into `docs/assets/imixer/digits_runs.json`. "
-        "Training seconds are the fastest run's epoch loop (training, validation, checkpoints), without process "
-        "start-up and building the data set; on a shared "
-        "machine they vary by tens of percent between runs"
-        + (
-            ", the accuracies and iteration counts (the same in every run) do not.*"
-            if all(reproduced(r) for r in record["runs"])
-            else "; a row marked *not reproduced* gave other accuracies or iteration counts in another repeat.*"
-        )
-    )
-    return "\n".join(lines) + "\n\n" + caption + "\n"

@@ -317,7 +317,7 @@ def test_every_measured_number_has_a_source(page: str) -> None:
 def test_digits_table_is_rendered_from_the_record() -> None:
     record = _json("imixer/digits_runs.json")
     script = _module("digits_runs")
-    assert (ASSETS / "imixer" / "digits_runs.md").read_text(encoding="utf-8") == script.render_table(record)
+    assert (ASSETS / "imixer" / "digits_runs.md").read_text(encoding="utf-8") == script.digits_table(record)
     assert [run["key"] for run in record["runs"]] == [run.key for run in script.RUNS]
 
 

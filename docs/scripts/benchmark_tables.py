@@ -371,6 +371,43 @@ def _warning(reasons: list[str]) -> str:
     )
 
 
+# When each kind of gradient mode is the one to pick (the editorial column of the choosing table).
+PICK_WHEN = {
+    "IFT": "the default: the gradient of the function evaluated, to the adjoint's tolerance; constant memory",
+    "Shine": "the backward solve is the bottleneck; refinements move it towards the IFT's gradient",
+    "Phantom": "an approximate gradient from a few damped steps; its cost grows with them (see its rows)",
+    "JFB": "one backward through f at z*; the gradient is only a descent direction",
+}
+
+
+def choosing_table(results: dict[str, Any]) -> str:
+    """ "Choosing a gradient mode": each mode's exactness, error and backward cost on the trained iMixer of
+    ``backward --problem imixer`` (its JSON), what it supports, and when to pick it."""
+    lines = [
+        "| mode | exact? | ‖g − g*‖ / ‖g*‖ | backward × IFT | supports | pick it when |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for row in results["modes"]:
+        exact = "yes, to the adjoint's tolerance" if row["solved_exactly"] else "no: approximate"
+        supports, pick = row["transforms"], PICK_WHEN.get(row["kind"], "")
+        if row["kind"] == "IFT" and not row["solved_exactly"]:  # a capped adjoint solve
+            supports = "every order and every transform, each derivative as approximate as the capped adjoint"
+            pick = "a fixed adjoint budget: cheaper, and further from the IFT's gradient as the contraction slows"
+        lines.append(
+            f"| `{row['settings']}` | {exact} | {row['relative_error']:.1e} | {row['backward_vs_ift']:.2f} "
+            f"| {supports} | {pick} |"
+        )
+    settings = ", ".join(f"{key} {value}" for key, value in results["settings"].items())
+    return (
+        "\n".join(lines)
+        + f"\n\n*The iMixer ({settings}) trained {results['epochs']} epochs on `{results['task']}`; one batch of "
+        f"{results['batch']} images against the float64 gradient solved to 1e-10 / 1e-12; backward times are "
+        f"medians of {results['repeats']}, relative to the IFT's, on {results['machine']['date_utc'][:10]} "
+        f"(commit `{str(results['machine'].get('git_commit'))[:12]}`). `python -m benchmarks.backward --problem "
+        "imixer --docs`.*\n"
+    )
+
+
 def _demote(markdown: str) -> str:
     """A script's report as part of a page: its title dropped, its sections as emphasised lines."""
     out = []
@@ -400,8 +437,8 @@ def render_all() -> dict[str, str]:
     for name in ("imixer_training", "imixer_backward"):
         files[f"cpu/{name}.page.md"] = _demote((TRAINING / f"{name}.md").read_text(encoding="utf-8"))
     backward = json.loads((TRAINING / "imixer_backward.json").read_text(encoding="utf-8"))
-    files["../backward/choosing.md"] = render.choosing_table(backward)
-    files["cpu/gpu.page.md"] = _demote((ASSETS / "cpu" / "gpu.md").read_text(encoding="utf-8"))
+    files["../backward/choosing.md"] = choosing_table(backward)
+    files["cpu/gpu.page.md"] = _demote(render.gpu_markdown(load("cpu/gpu.json")))
     return files
 
 
