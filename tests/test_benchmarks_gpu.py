@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 
-from benchmarks import common, gpu
+from benchmarks import common, render
 
 
 def test_a_quick_cpu_run_writes_the_step_and_gradient_results(tmp_path):
@@ -16,7 +16,7 @@ def test_a_quick_cpu_run_writes_the_step_and_gradient_results(tmp_path):
     done = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
-    assert (tmp_path / "gpu.md").read_text() == gpu.markdown(results)
+    assert (tmp_path / "gpu.md").read_text() == render.gpu_markdown(results)
     assert {"git_commit", "date_utc", "torch", "timm", "device"} <= set(results["machine"])
     assert results["machine"]["device"] == "cpu" and results["config"]["backend"] == "aot_eager"
     (step,) = results["steps"]
