@@ -1,22 +1,7 @@
 """The numbers behind three core properties of implicitlayers, on fixed seeds, in float64.
 
-- **P3, inverse accuracy.** ``ImplicitMLP.inverse(ImplicitMLP(x))`` and
-  ``InvertibleResidual.inverse(InvertibleResidual(x))`` recover x: the largest per-sample relative error
-  ||x' - x|| / ||x|| at tol 1e-10, per solver, in certified-contractive settings (GELU, coeff 0.7:
-  Lip(g) <= 0.62; ELU, coeff 0.7: Lip(g) <= 0.49). Holds when every error is <= 1e-8.
-- **P4, IFT gradients.** Gradients of a fixed-point layer z = tanh(W z + V x + b) (||W||_2 = 0.6) with
-  ``backward="ift"`` (forward and adjoint tol 1e-12) against (a) autograd through a long unrolled
-  Picard solve (``backward="unrolled"``, tol 0, 300 steps) and (b) the closed form
-  dz/dx = (I - ∂f/∂z)^{-1} ∂f/∂x (likewise for the parameters), built per sample with
-  :func:`torch.func.jacrev`. Relative errors ||g - g_ref|| / ||g_ref|| for the parameters and the input,
-  per adjoint solver. Holds when every error is <= 1e-6.
-- **P7, acceleration.** On the slow problem z = tanh(W z + U x), W symmetric with ||W||_2 = 0.99 (its
-  dominant eigenvalue -0.99, so the fixed point stays in tanh's near-linear range) and
-  ||U x|| = 0.1·sqrt(d), at tol 1e-6: median evaluations of f per sample for picard, anderson and
-  broyden (default options), and the ratios to picard. Holds when both ratios are <= 1/3 and every
-  solve converged.
-
-Usage: ``python -m benchmarks.core_properties [--quick] [--seed N] [--json PATH]``.
+Usage: ``python -m benchmarks.core_properties [--quick] [--seed N] [--json PATH]``. What P3 (inverse accuracy),
+P4 (IFT gradients) and P7 (acceleration) measure and when each holds: benchmarks/README.md, "Core properties".
 """
 
 from __future__ import annotations
@@ -26,6 +11,8 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,16 +40,12 @@ def max_sample_relative_error(estimate: Tensor, reference: Tensor) -> float:
     return float((diff / torch.linalg.vector_norm(reference.flatten(1), dim=1)).max())
 
 
-# ----------------------------------------------------------------------------------------- P3
 def inverse_accuracy(seed: int, batch: int, features: int, hidden: int) -> dict[str, Any]:
+    """P3: ``inverse(forward(x))`` against x for a GELU ``ImplicitMLP`` and an ELU ``InvertibleResidual``."""
     torch.manual_seed(seed)
-    mlp = il.ImplicitMLP(features, hidden, activation="gelu", coeff=0.7, tol=P3_TOL, max_iter=200)
-    mlp = mlp.double().eval()
-    branch = nn.Sequential(
-        il.spectral_norm(nn.Linear(features, hidden), 0.7),
-        nn.ELU(),
-        il.spectral_norm(nn.Linear(hidden, features), 0.7),
-    )
+    mlp = il.ImplicitMLP(features, hidden, activation="gelu", coeff=0.7, tol=P3_TOL, max_iter=200).double().eval()
+    branch = nn.Sequential(il.spectral_norm(nn.Linear(features, hidden), 0.7), nn.ELU(),
+                           il.spectral_norm(nn.Linear(hidden, features), 0.7))  # fmt: skip
     block = il.InvertibleResidual(branch, tol=P3_TOL, max_iter=200).double().eval()
     x = torch.randn(batch, features, dtype=torch.float64)
     errors: dict[str, dict[str, float]] = {"implicit_mlp": {}, "invertible_residual": {}}
@@ -71,29 +54,21 @@ def inverse_accuracy(seed: int, batch: int, features: int, hidden: int) -> dict[
             mlp.solver = block.solver = solver
             errors["implicit_mlp"][solver] = max_sample_relative_error(mlp.inverse(mlp(x)), x)
             errors["invertible_residual"][solver] = max_sample_relative_error(block.inverse(block(x)), x)
-    worst = max(max(per_solver.values()) for per_solver in errors.values())
-    return {
-        "tol": P3_TOL,
-        "threshold": P3_THRESHOLD,
-        "lipschitz_bound": {
-            "implicit_mlp": il.lipschitz_bound(mlp.g),
-            "invertible_residual": il.lipschitz_bound(branch),
-        },
-        "max_rel_error": errors,
-        "holds": worst <= P3_THRESHOLD,
-    }
+    bounds = {"implicit_mlp": il.lipschitz_bound(mlp.g), "invertible_residual": il.lipschitz_bound(branch)}
+    return {"tol": P3_TOL, "threshold": P3_THRESHOLD, "lipschitz_bound": bounds, "max_rel_error": errors,
+            "holds": max(max(per_solver.values()) for per_solver in errors.values()) <= P3_THRESHOLD}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------- P4
 class TanhCell(nn.Module):
     """f(z, x) = tanh(z Wᵀ + x Vᵀ + b) with ||W||_2 = 0.6 at initialisation."""
 
     def __init__(self, dim: int, generator: torch.Generator) -> None:
         super().__init__()
-        w = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        randn = partial(torch.randn, generator=generator, dtype=torch.float64)
+        w = randn(dim, dim)
         self.w = nn.Parameter(0.6 * w / torch.linalg.matrix_norm(w, ord=2))
-        self.v = nn.Parameter(torch.randn(dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim))
-        self.b = nn.Parameter(0.1 * torch.randn(dim, generator=generator, dtype=torch.float64))
+        self.v = nn.Parameter(randn(dim, dim) / math.sqrt(dim))
+        self.b = nn.Parameter(0.1 * randn(dim))
 
     @staticmethod
     def apply(z: Tensor, x: Tensor, w: Tensor, v: Tensor, b: Tensor) -> Tensor:
@@ -106,9 +81,7 @@ class TanhCell(nn.Module):
 def layer_gradients(layer: il.ImplicitLayer, x: Tensor, cotangent: Tensor) -> tuple[Tensor, Tensor]:
     """(dL/dparams flattened, dL/dx) for L = <cotangent, layer(x)>."""
     xr = x.clone().requires_grad_()
-    z = layer(xr)
-    params = list(layer.f.parameters())
-    grads = torch.autograd.grad((z * cotangent).sum(), [xr, *params])
+    grads = torch.autograd.grad((layer(xr) * cotangent).sum(), [xr, *layer.f.parameters()])
     return torch.cat([g.reshape(-1) for g in grads[1:]]), grads[0]
 
 
@@ -117,95 +90,61 @@ def closed_form_gradients(cell: TanhCell, x: Tensor, cotangent: Tensor) -> tuple
     params = [p.detach() for p in cell.parameters()]
     with torch.no_grad():
         z = il.solve(lambda z: cell(z, x), torch.zeros_like(x), solver="anderson", tol=1e-15, max_iter=500).z
-
-    def single(z_b: Tensor, x_b: Tensor, *theta: Tensor) -> Tensor:
-        return TanhCell.apply(z_b, x_b, *theta)
-
-    in_dims = (0, 0, *([None] * len(params)))
-    jacobians = vmap(jacrev(single, argnums=tuple(range(2 + len(params)))), in_dims=in_dims)(z, x, *params)
-    batch, dim = z.shape
-    eye = torch.eye(dim, dtype=z.dtype)
-    system = eye - jacobians[0]  # (B, d, d)
+    jacobian = jacrev(TanhCell.apply, argnums=tuple(range(2 + len(params))))  # per sample, w.r.t. z, x and θ
+    jacobians = vmap(jacobian, in_dims=(0, 0, *([None] * len(params))))(z, x, *params)
+    system = torch.eye(z.shape[1], dtype=z.dtype) - jacobians[0]  # (B, d, d)
     dz_dx = torch.linalg.solve(system, jacobians[1])  # (B, d, d_x)
-    df_dtheta = torch.cat([j.reshape(batch, dim, -1) for j in jacobians[2:]], dim=2)  # (B, d, n_params)
+    df_dtheta = torch.cat([j.reshape(*z.shape, -1) for j in jacobians[2:]], dim=2)  # (B, d, n_params)
     dz_dtheta = torch.linalg.solve(system, df_dtheta)
-    grad_x = torch.einsum("bi,bij->bj", cotangent, dz_dx)
-    grad_theta = torch.einsum("bi,bij->j", cotangent, dz_dtheta)
-    return grad_theta, grad_x
+    return torch.einsum("bi,bij->j", cotangent, dz_dtheta), torch.einsum("bi,bij->bj", cotangent, dz_dx)
 
 
 def gradient_accuracy(seed: int, batch: int, dim: int) -> dict[str, Any]:
+    """P4: IFT gradients, per adjoint solver, against autograd through unrolled Picard and the closed form."""
     generator = torch.Generator().manual_seed(seed)
     cell = TanhCell(dim, generator)
     x = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
     cotangent = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
     unrolled = il.ImplicitLayer(cell, backward="unrolled", tol=0.0, max_iter=P4_UNROLLED_STEPS)
-    unrolled_theta, unrolled_x = layer_gradients(unrolled, x, cotangent)
-    closed_theta, closed_x = closed_form_gradients(cell, x, cotangent)
-    rows: dict[str, dict[str, float]] = {
-        "unrolled": {
-            "vs_closed_form_params": relative_error(unrolled_theta, closed_theta),
-            "vs_closed_form_inputs": relative_error(unrolled_x, closed_x),
-        }
-    }
+    references = {"unrolled": layer_gradients(unrolled, x, cotangent)}
+    references["closed_form"] = closed_form_gradients(cell, x, cotangent)
+
+    def errors(grads: tuple[Tensor, Tensor], *against: str) -> dict[str, float]:
+        return {f"vs_{name}_{part}": relative_error(grads[i], references[name][i])
+                for name in against for i, part in enumerate(("params", "inputs"))}  # fmt: skip
+
+    rows = {"unrolled": errors(references["unrolled"], "closed_form")}
     for solver in SOLVERS:
         layer = il.ImplicitLayer(cell, solver=solver, backward="ift", tol=P4_TOL, max_iter=200)
-        theta, grad_x = layer_gradients(layer, x, cotangent)
-        rows[f"ift_{solver}"] = {
-            "vs_unrolled_params": relative_error(theta, unrolled_theta),
-            "vs_unrolled_inputs": relative_error(grad_x, unrolled_x),
-            "vs_closed_form_params": relative_error(theta, closed_theta),
-            "vs_closed_form_inputs": relative_error(grad_x, closed_x),
-        }
-    worst = max(max(row.values()) for row in rows.values())
-    return {
-        "tol": P4_TOL,
-        "unrolled_steps": P4_UNROLLED_STEPS,
-        "threshold": P4_THRESHOLD,
-        "rel_error": rows,
-        "holds": worst <= P4_THRESHOLD,
-    }
+        rows[f"ift_{solver}"] = errors(layer_gradients(layer, x, cotangent), "unrolled", "closed_form")
+    return {"tol": P4_TOL, "unrolled_steps": P4_UNROLLED_STEPS, "threshold": P4_THRESHOLD, "rel_error": rows,
+            "holds": max(max(row.values()) for row in rows.values()) <= P4_THRESHOLD}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------- P7
 def acceleration(seeds: Sequence[int], batch: int, dim: int) -> dict[str, Any]:
-    nsteps: dict[str, list[Tensor]] = {solver: [] for solver in SOLVERS}
-    converged: dict[str, list[Tensor]] = {solver: [] for solver in SOLVERS}
+    """P7: median evaluations of f per sample on the slow symmetric tanh problem, and their ratios to Picard's."""
+    runs: dict[str, list[il.SolverResult]] = {solver: [] for solver in SOLVERS}
     for seed in seeds:
         f = symmetric_tanh_problem(dim, batch, seed=seed)
-        drive = f.drive
         for solver in SOLVERS:
-            result = il.solve(f, torch.zeros_like(drive), solver=solver, tol=P7_TOL, max_iter=P7_MAX_ITER)
-            nsteps[solver].append(result.nstep)
-            converged[solver].append(result.converged)
-    median = {name: float(torch.cat(values).double().median()) for name, values in nsteps.items()}
-    fraction = {name: float(torch.cat(values).double().mean()) for name, values in converged.items()}
+            runs[solver].append(il.solve(f, torch.zeros_like(f.drive), solver=solver, tol=P7_TOL, max_iter=P7_MAX_ITER))
+    median = {name: float(torch.cat([r.nstep for r in rs]).double().median()) for name, rs in runs.items()}
+    fraction = {name: float(torch.cat([r.converged for r in rs]).double().mean()) for name, rs in runs.items()}
     ratios = {name: median[name] / median["picard"] for name in ("anderson", "broyden")}
-    return {
-        "tol": P7_TOL,
-        "max_iter": P7_MAX_ITER,
-        "samples": batch * len(seeds),
-        "median_nstep": median,
-        "converged_fraction": fraction,
-        "ratio_to_picard": ratios,
-        "max_ratio": P7_MAX_RATIO,
-        "holds": all(r <= P7_MAX_RATIO for r in ratios.values()) and all(f == 1.0 for f in fraction.values()),
-    }
+    holds = all(r <= P7_MAX_RATIO for r in ratios.values()) and all(f == 1.0 for f in fraction.values())
+    return {"tol": P7_TOL, "max_iter": P7_MAX_ITER, "samples": batch * len(seeds), "median_nstep": median,
+            "converged_fraction": fraction, "ratio_to_picard": ratios, "max_ratio": P7_MAX_RATIO,
+            "holds": holds}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------- CLI
 def run(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Computes the three properties; ``quick`` shrinks the problems (used by the tests)."""
     start = time.perf_counter()
     results: dict[str, Any] = {
         "config": {"seed": seed, "quick": quick, "dtype": "float64", "torch": torch.__version__},
-        "p3_inverse": inverse_accuracy(
-            seed, batch=16 if quick else 64, features=16 if quick else 32, hidden=32 if quick else 64
-        ),
+        "p3_inverse": inverse_accuracy(seed, *((16, 16, 32) if quick else (64, 32, 64))),  # batch, features, hidden
         "p4_gradients": gradient_accuracy(seed, batch=3 if quick else 8, dim=4 if quick else 8),
-        "p7_acceleration": acceleration(
-            [seed] if quick else [seed, seed + 1, seed + 2], batch=8 if quick else 16, dim=64
-        ),
+        "p7_acceleration": acceleration([seed] if quick else [seed, seed + 1, seed + 2], 8 if quick else 16, dim=64),
     }
     results["all_hold"] = all(results[key]["holds"] for key in ("p3_inverse", "p4_gradients", "p7_acceleration"))
     results["seconds"] = time.perf_counter() - start
@@ -228,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     print(render.core_report(results))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     return results
 
 

@@ -1,22 +1,13 @@
 """Warm starts on related inputs: evaluations of f and time with and without ``warm_start=True``.
 
-    python -m benchmarks.warm_start            # a few seconds on 2 CPU cores
-    python -m benchmarks.warm_start --quick    # about a second, for the tests
-
-A DEQ layer, z = tanh(W_sn z + U x) with ||W_sn||₂ = 0.95 (a slow contraction), runs over sequences
-of related inputs x_t = x_{t-1} + σ·ε_t (frames of a video, steps of an iterative refinement), once
-cold (every solve from z_init) and once warm (each solve from the previous output), in eval mode with
-the same solver, tolerance and weights. Printed per σ: total evaluations of f, median seconds per
-sequence, and warm/cold ratios; the same numbers go to ``warm_start.json`` / ``.md`` in ``--out``.
-"""
+Usage: ``python -m benchmarks.warm_start [--quick] [--out DIR] [--seed N]``; see benchmarks/README.md, "Warm starts"."""
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,46 +16,36 @@ from benchmarks import common, render
 from benchmarks.backward import Cell
 
 
-def run_sequence(layer: il.ImplicitLayer, frames: list[torch.Tensor]) -> tuple[int, float]:
+def run_sequence(layer: il.ImplicitLayer, frames: list[torch.Tensor], warm: bool) -> int:
+    """Evaluations of f over one pass, cold or warm from a reset start (a batched solve runs until its slowest row)."""
+    layer.warm_start = warm
     layer.reset_warm_start()
-    evaluations, start = 0, time.perf_counter()
-    with torch.no_grad():
-        for x in frames:
-            layer(x)
-            evaluations += int(layer.stats.nstep.max())  # a batched solve runs until its slowest row
-    return evaluations, time.perf_counter() - start
+    with torch.no_grad():  # layer.stats: the statistics of the solve it just ran
+        return sum(int(layer.stats.nstep.max()) for _ in map(layer, frames))
 
 
-def measure(dim: int, batch: int, length: int, sigma: float, repeats: int, seed: int) -> dict[str, Any]:
+def measure(sigma: float, dim: int, batch: int, frames: int, repeats: int, seed: int) -> dict:
+    """Cold and warm passes (median seconds of ``repeats``) over inputs x_t = x_{t-1} + σ·ε_t, same weights."""
     torch.manual_seed(seed)
     layer = il.ImplicitLayer(Cell(dim, coeff=0.95), solver="anderson", tol=1e-5, max_iter=200).eval()
-    generator = torch.Generator().manual_seed(seed)
-    frames = [torch.randn(batch, dim, generator=generator)]
-    for _ in range(length - 1):
-        frames.append(frames[-1] + sigma * torch.randn(batch, dim, generator=generator))
-    row: dict[str, Any] = {"sigma": sigma}
-    for mode in ("cold", "warm"):
-        layer.warm_start = mode == "warm"
-        runs = [run_sequence(layer, frames) for _ in range(repeats)]
-        row[f"{mode}_evaluations"] = runs[0][0]
-        row[f"{mode}_seconds"] = statistics.median(seconds for _, seconds in runs)
-    row["evaluation_ratio"] = row["warm_evaluations"] / row["cold_evaluations"]
-    row["time_ratio"] = row["warm_seconds"] / row["cold_seconds"]
-    return row
+    randn = partial(torch.randn, batch, dim, generator=torch.Generator().manual_seed(seed))
+    inputs = list(accumulate((sigma * randn() for _ in range(frames - 1)), initial=randn()))
+    cold_s, _, cold = common.timed(partial(run_sequence, layer, inputs, False), "cpu", 0, repeats)
+    warm_s, _, warm = common.timed(partial(run_sequence, layer, inputs, True), "cpu", 0, repeats)
+    return {"sigma": sigma, "cold_evaluations": cold, "cold_seconds": cold_s, "warm_evaluations": warm,
+            "warm_seconds": warm_s, "evaluation_ratio": warm / cold, "time_ratio": warm_s / cold_s}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short sequences, 1 repeat")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    dim, batch, length, repeats = (32, 8, 8, 1) if args.quick else (64, 32, 40, 5)
-    rows = [measure(dim, batch, length, sigma, repeats, args.seed) for sigma in (0.01, 0.1, 1.0)]
-    results = {"config": {"dim": dim, "batch": batch, "frames": length, "repeats": repeats}, "rows": rows}
-    table = render.warm_start_table(results)
-    print(table)
+    config = dict(dim=32, batch=8, frames=8, repeats=1) if args.quick else dict(dim=64, batch=32, frames=40, repeats=5)
+    results = {"config": config, "rows": [measure(sigma, seed=args.seed, **config) for sigma in (0.01, 0.1, 1.0)]}
+    print(table := render.warm_start_table(results))
     common.write(args.out, "warm_start", results, table)
     return results
 
