@@ -1,32 +1,9 @@
 """Gradient modes side by side: error against the exact gradient, and time, on two problems (``--problem``).
 
-    python -m benchmarks.backward                      # --problem mlp: about a minute on 2 CPU cores
-    python -m benchmarks.backward --problem imixer     # a trained iMixer: the default, digits-hard, 5 epochs
-    python -m benchmarks.backward --problem imixer --config "solver:anderson,backward:ift,tol:0.001" --epochs 8
-    python -m benchmarks.backward --quick [--problem imixer]   # seconds, for the tests
+    python -m benchmarks.backward [--problem mlp|imixer] [--quick] [--docs]
 
-Each mode (:data:`MODES`, the library's gradient objects) differentiates the same forward solve; its
-gradient g is compared with the exact gradient g*: the relative error ‖g − g*‖ / ‖g*‖, the cosine of
-the angle between them, and the median times over repeats, measured side by side in one run.
-
-* ``--problem mlp``: a DEQ layer z = tanh(W_sn z + U x), ``‖W_sn‖₂`` = ``coeff`` (0.9: a moderate
-  contraction; 0.99: a slow one), solved in float32 by Anderson or Broyden to tol 1e-4, differentiated
-  by ``ift`` (the adjoint solved to the forward tolerance), ``shine`` with 0, 2 and 5 refinement steps
-  (Ramzi et al., 2022: the adjoint read from the forward solver's memory), ``ift`` capped at 2 and 5
-  adjoint steps from the usual cold start (what the SHINE estimate is worth as a starting point),
-  ``phantom`` with 5 damped steps and ``jfb``; loss: a random linear function of z; gradient in
-  (x, U, W); exact: IFT in float64 at tol 1e-12. Writes ``backward_modes.json`` / ``.md`` (``--docs``:
-  also ``docs/assets/backward/``).
-* ``--problem imixer``: one configuration (``--config``, ``key:value,...`` of ``benchmarks/common.py``;
-  default: the library's defaults) trained on the digits 4 × 128 recipe of
-  ``benchmarks/imixer_training.py``, then on one fixed training batch the gradient of the loss in every
-  parameter; exact: a float64 copy, every token mixer solved by Anderson to 1e-10 and differentiated by
-  the IFT with the adjoint solved to 1e-12. The modes, on the float32 model as trained, after its own
-  forward solve: ``ift``, ``ift`` capped at 2 adjoint steps, ``shine`` alone and with 2 refinements,
-  ``phantom`` with 2 and 5 steps, ``jfb``; times are the whole model's forward and backward. The model
-  is in eval mode for every measurement (eval mode solves with the configuration's training budget), so
-  the spectral normalisation's power iteration does not move the weights between modes. Writes
-  ``imixer_backward.json`` / ``.md`` (``--docs``: also ``docs/assets/imixer_training/``).
+The problems, modes and outputs: ``benchmarks/README.md``, sections "Gradient modes on a DEQ layer" and "How exact
+each gradient mode is on a trained iMixer".
 """
 
 from __future__ import annotations
@@ -73,11 +50,7 @@ MODES: dict[str, dict[str, il.Gradient]] = {
     },
 }
 SETTINGS_SHOWN = ("solver", "backward", "tol", "activation", "coeff")  # the trained iMixer's, in the header
-EXACT = {
-    "solver": il.Anderson(),
-    "budget": il.Budget(max_iter=400, tol=1e-10),
-    "backward": il.IFT(max_iter=600, tol=1e-12),
-}
+EXACT = dict(solver=il.Anderson(), budget=il.Budget(max_iter=400, tol=1e-10), backward=il.IFT(max_iter=600, tol=1e-12))
 
 
 def compare(gradient: Tensor, exact: Tensor) -> dict[str, float]:
@@ -206,18 +179,10 @@ def run_imixer(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  epoch {epoch}: loss {record['train_loss']:.3f}, {record['train_seconds']:.1f} s", flush=True)
     images, labels = task.train_epoch(args.seed, args.epochs + 1)
     batch = 16 if args.quick else args.batch
-    comparison = compare_modes(run.net, images[:batch], labels[:batch], args.repeats)
-    return {
-        "machine": common.machine("cpu") | {"threads": args.threads},
-        "options": options,
-        "settings": {key: run.net.implicit_settings[key] for key in SETTINGS_SHOWN},
-        "task": args.task,
-        "epochs": args.epochs,
-        "seed": args.seed,
-        "batch": batch,
-        "repeats": args.repeats,
-        **comparison,
-    }
+    results = {"machine": common.machine("cpu") | {"threads": args.threads}, "options": options}
+    results["settings"] = {key: run.net.implicit_settings[key] for key in SETTINGS_SHOWN}
+    results |= {"task": args.task, "epochs": args.epochs, "seed": args.seed, "batch": batch, "repeats": args.repeats}
+    return results | compare_modes(run.net, images[:batch], labels[:batch], args.repeats)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

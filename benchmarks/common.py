@@ -1,20 +1,13 @@
 """What the benchmarks share: provenance, timing, output files and the one configuration vocabulary.
 
-- **Provenance**: :func:`machine` is ``examples/common.py``'s :func:`machine_info` (date, git commit and
-  whether the tree differs from it, platform, CPU, torch, device) plus the timm version.
-- **Timing**: :func:`timed`, the median of ``repeats`` calls after ``warmup`` untimed ones, with a CUDA
-  synchronisation around each call so that a GPU's asynchronous work is counted.
-- **Outputs**: :func:`write` puts ``NAME.json`` and ``NAME.md`` into a folder.
-- **Configurations**: a configuration is ``name=key:value,...``, where each key is a field of the iMixer's
-  :class:`~examples.imixer.imixer.IMixerSettings` (``solver``, ``backward``, ``tol``, ``max_iter``,
-  ``activation``, ``reference_iterations``, ...), ``model`` (``imixer`` or ``mixer``, timm's vanilla Mixer
-  of the same shape) or a training option (``jac_weight``, ``jac_samples``: the Jacobian penalty's weight
-  and samples). A bare name is a preset (:data:`PRESETS`): a named dict of such overrides. Options are
-  validated by building the settings dataclass (:func:`settings`), which checks every field.
+A configuration is a preset name (:data:`PRESETS`) or ``name=key:value,...``: each key a field of the iMixer's
+:class:`~examples.imixer.imixer.IMixerSettings`, ``model`` (``imixer`` or timm's vanilla ``mixer``) or a training
+option (:data:`TRAINING_KEYS`: the Jacobian penalty's weight and samples), validated by building the settings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -92,10 +85,8 @@ def parse_value(text: str) -> Any:
     if lowered in ("none", "null"):
         return None
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 
