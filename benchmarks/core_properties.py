@@ -142,9 +142,13 @@ def run(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     results: dict[str, Any] = {
         "config": {"seed": seed, "quick": quick, "dtype": "float64", "torch": torch.__version__},
-        "p3_inverse": inverse_accuracy(seed, *((16, 16, 32) if quick else (64, 32, 64))),  # batch, features, hidden
+        "p3_inverse": inverse_accuracy(
+            seed, batch=16 if quick else 64, features=16 if quick else 32, hidden=32 if quick else 64
+        ),
         "p4_gradients": gradient_accuracy(seed, batch=3 if quick else 8, dim=4 if quick else 8),
-        "p7_acceleration": acceleration([seed] if quick else [seed, seed + 1, seed + 2], 8 if quick else 16, dim=64),
+        "p7_acceleration": acceleration(
+            [seed] if quick else [seed, seed + 1, seed + 2], batch=8 if quick else 16, dim=64
+        ),
     }
     results["all_hold"] = all(results[key]["holds"] for key in ("p3_inverse", "p4_gradients", "p7_acceleration"))
     results["seconds"] = time.perf_counter() - start

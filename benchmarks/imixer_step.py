@@ -147,9 +147,13 @@ def inverse_residuals(net: nn.Module, images: Tensor) -> dict[str, float | None]
     rows: list[Tensor] = []  # per block, each row's relative residual
 
     def check(layer: nn.Module, inputs: tuple[Tensor, ...], z: Tensor) -> None:
-        layer.g.eval()  # reuse this forward's power-iteration vectors: the same normalised weights
-        fz = (inputs[0] + layer.g(z)).flatten(0, -2).double()
-        layer.g.train()
+        # Recomputed as each block's forward ends, before anything else runs its g: eval mode reuses this
+        # forward's power-iteration vectors, so g has the same normalised weights that produced z.
+        layer.g.eval()
+        try:
+            fz = (inputs[0] + layer.g(z)).flatten(0, -2).double()
+        finally:
+            layer.g.train()
         residual = torch.linalg.vector_norm(fz - z.flatten(0, -2).double(), dim=-1)
         rows.append(residual / torch.linalg.vector_norm(fz, dim=-1).clamp_min(1e-30))
 
@@ -161,6 +165,8 @@ def inverse_residuals(net: nn.Module, images: Tensor) -> dict[str, float | None]
     finally:
         for hook in hooks:
             hook.remove()
+    if len(rows) != len(net.blocks):
+        raise RuntimeError(f"expected one token-mixer solve per block ({len(net.blocks)}), saw {len(rows)}")
     worst = max(rows, key=lambda block_rows: float(block_rows.max()))
     stats = net.solver_stats()
     return {
@@ -238,13 +244,16 @@ def equal_residual(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["options"].get("model") == "mixer" or "reference_iterations" in row["options"]:
             continue
         ref = next((ref for ref in references if ref["residual_max"] <= row["residual_max"]), None)
-        comparisons.append({"mode": row["mode"], "residual_max": row["residual_max"]})
-        comparisons[-1] |= {
-            "reference": None if ref is None else ref["mode"],
-            "reference_residual_max": None if ref is None else ref["residual_max"],
-            "step_ratio": None if ref is None else row["step_ms"] / ref["step_ms"],
-            "throughput_ratio": None if ref is None else row["images_per_s"] / ref["images_per_s"],
-        }
+        comparisons.append(
+            {
+                "mode": row["mode"],
+                "residual_max": row["residual_max"],
+                "reference": None if ref is None else ref["mode"],
+                "reference_residual_max": None if ref is None else ref["residual_max"],
+                "step_ratio": None if ref is None else row["step_ms"] / ref["step_ms"],
+                "throughput_ratio": None if ref is None else row["images_per_s"] / ref["images_per_s"],
+            }
+        )
     return comparisons
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,13 @@ def imixer_trained_problem(
     net = timm.create_model("imixer_t2_8")
     trainer = engine.Trainer(net, torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05))
     start = time.perf_counter()
-    for epoch in range(epochs):  # batches of 64, reshuffled every epoch, until max_steps updates
-        left = None if max_steps is None else max_steps - trainer.updates
-        if left is None or left > 0:
-            batches = [(pixels[b], labels[b]) for b in train[torch.randperm(len(train))].split(64)[:left]]
-            engine.train_one_epoch(trainer, batches, torch.nn.CrossEntropyLoss(), epoch=epoch)
+    for epoch in range(epochs):  # batches of 64, reshuffled every epoch, at most max_steps updates in all
+        if max_steps is not None and trainer.updates >= max_steps:
+            break
+        batches = [(pixels[b], labels[b]) for b in train[torch.randperm(len(train))].split(64)]
+        if max_steps is not None:
+            batches = batches[: max_steps - trainer.updates]
+        engine.train_one_epoch(trainer, batches, torch.nn.CrossEntropyLoss(), epoch=epoch)
     net.eval()
     with torch.no_grad():
         accuracy = float((net(pixels[test]).argmax(1) == labels[test]).float().mean())
@@ -156,17 +158,29 @@ def run_case(
             return v + torch.autograd.grad(fz, zg, u.to(fz.dtype), retain_graph=True)[0]
 
         seconds, _, solved = common.timed(lambda: solve(adjoint, v.clone()), device, 1, repeats)
-        backward = {"backward_time_median_s": seconds, "backward_success_rate": float(solved.converged.float().mean()),
-                    "backward_nstep_median": float(solved.nstep.float().median())}  # fmt: skip
+        backward = {
+            "backward_time_median_s": seconds,
+            "backward_success_rate": float(solved.converged.float().mean()),
+            "backward_nstep_median": float(solved.nstep.float().median()),
+        }
     residuals, family = result.residual.float(), "torchdeq" if solver.startswith("torchdeq.") else "ours"
     return {
-        "problem": problem.name, "dtype": dtype_name, "solver": solver, "family": family, "tol": tol,
-        "max_iter": max_iter, "batch": int(z0.shape[0]), "success_rate": float(result.converged.float().mean()),
-        "nstep_median": float(result.nstep.float().median()), "nstep_max": int(result.nstep.max()),
+        "problem": problem.name,
+        "dtype": dtype_name,
+        "solver": solver,
+        "family": family,
+        "tol": tol,
+        "max_iter": max_iter,
+        "batch": int(z0.shape[0]),
+        "success_rate": float(result.converged.float().mean()),
+        "nstep_median": float(result.nstep.float().median()),
+        "nstep_max": int(result.nstep.max()),
         "residual_max": float(residuals.max()) if bool(torch.isfinite(residuals).all()) else None,
-        "time_median_s": forward_time, "times_s": forward_times, **backward,
+        "time_median_s": forward_time,
+        "times_s": forward_times,
+        **backward,
         "trace": [float(t) if math.isfinite(float(t)) else None for t in result.trace],
-    }  # fmt: skip
+    }
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -222,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     il_torchdeq.register()
     out, device = args.out, torch.device(args.device)
     out.mkdir(parents=True, exist_ok=True)
-    info = common.machine(device) | {"torchdeq": version("torchdeq")}
+    try:
+        info = common.machine(device) | {"torchdeq": version("torchdeq")}
+    except PackageNotFoundError:  # importable without package metadata
+        info = common.machine(device) | {"torchdeq": "unknown"}
     machine = f"{info['device_name']}, {info['cpu_count']} CPUs"
     print(f"machine: {machine} ({info['torch_threads']} torch threads), torch {info['torch']}, "
           f"torchdeq {info['torchdeq']}, {info['platform']}, {info['date_utc']}")  # fmt: skip
