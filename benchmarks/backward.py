@@ -12,7 +12,6 @@ import argparse
 import copy
 import statistics
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -207,14 +206,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
         common.parse_config(f"trained={args.config}")
     except ValueError as error:
         parser.error(str(error))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", il.ConvergenceWarning)
-            results = run_mlp(args) if args.problem == "mlp" else run_imixer(args)
-    finally:
-        torch.set_num_threads(threads)
+    with common.measuring(args.threads):
+        results = run_mlp(args) if args.problem == "mlp" else run_imixer(args)
     table = render.backward_mlp_markdown(results) if args.problem == "mlp" else render.backward_imixer_markdown(results)
     print(table)
     for folder in [args.out, *([DOCS[args.problem]] if args.docs else [])]:

@@ -12,7 +12,8 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,36 @@ def machine(device: Any = None) -> dict[str, Any]:
     return info | {"timm": timm.__version__}
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """One line of :func:`machine`'s record for a run's log: date, platform, CPUs and threads, versions."""
+    threads = f"{info['cpu_count']} CPUs ({info['torch_threads']} threads)"
+    return f"{info['date_utc']} UTC | {info['platform']} | {threads} | torch {info['torch']} | timm {info['timm']}"
+
+
 def synchronize(device: Any) -> None:
     import torch
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def measuring(threads: int | None = None) -> Iterator[None]:
+    """The block runs on ``threads`` torch threads (None: as many as now), without the layers'
+    ``ConvergenceWarning`` (the benchmarks record unconverged solves instead); both restored afterwards."""
+    import torch
+
+    import implicitlayers as il
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", il.ConvergenceWarning)
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def timed(fn: Callable[[], Any], device: Any = "cpu", warmup: int = 1, repeats: int = 5) -> tuple[float, list, Any]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 import implicitlayers as il
-from benchmarks import render
+from benchmarks import common, render
 from implicitlayers.problems import symmetric_tanh_problem
 
 SOLVERS = ["picard", "anderson", "broyden"]
@@ -163,12 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     # Tiny problems: one thread avoids thread start-up dominating the run time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with common.measuring(threads=1):
         results = run(seed=args.seed, quick=args.quick)
-    finally:
-        torch.set_num_threads(threads)
     print(render.core_report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import implicitlayers as il
 from benchmarks import backward, common, imixer_step, render, solvers
 
 SHAPES = {
@@ -121,8 +119,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     repeats = 2 if args.quick else 10
     # On a CPU, --quick compiles with aot_eager: inductor's C++ code generation alone takes minutes on 2 cores.
     backend = "aot_eager" if args.quick and device.type == "cpu" else "inductor"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if args.quick else threads)
     # Inductor's on-disk caches would make a compile after the first run a cache read: compile from scratch.
     torch._inductor.config.fx_graph_cache = False
     torch._inductor.config.autotune_local_cache = False
@@ -137,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["seconds"] = time.perf_counter() - start
         common.write(args.out, "gpu", results, render.gpu_markdown(results))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", il.ConvergenceWarning)
+    with common.measuring(threads=1 if args.quick else None):
         for name, shape in shapes.items():
             phase_start = time.perf_counter()
             results["steps"].append(measure_shape(name, shape, device, backend, repeats))
@@ -147,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             phase_start = time.perf_counter()
             results[phase] = run(device, args.quick)
             save(phase, phase_start)
-    torch.set_num_threads(threads)
     print(render.gpu_markdown(results))
     return results
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -281,22 +280,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = configs or ({name: parse(name)[1] for name in QUICK_CONFIGS} if args.quick else all_configs())
     configs = {"mixer": common.PRESETS["mixer"]} | {k: v for k, v in configs.items() if v.get("model") != "mixer"}
     device = torch.device(args.device)
-    if args.threads or args.quick:
-        # --quick: one thread (on a shared machine, another process makes two-thread runs 10-40x slower in bursts)
-        torch.set_num_threads(args.threads or 1)
     repeats = args.repeats or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     sizes = args.sizes or (["t4_32"] if args.quick else ["t4_32", "s16_224"])
-    start = time.perf_counter()
-    setup = {"quick": args.quick, "device": str(device), "repeats": repeats, "warmup": warmup, "max_iter": MAX_ITER}
-    setup |= {"modes": list(configs), "optimizer": "AdamW(lr=1e-3)"} | MEASURES
-    results: dict[str, Any] = {"config": setup, "machine": (info := common.machine(device)), "models": {}}
-    threads = f"{info['cpu_count']} CPUs ({info['torch_threads']} threads)"
-    print(f"{info['date_utc']} UTC | {info['platform']} | {threads} | torch {info['torch']} | timm {info['timm']} | "
-          f"{info['device']} ({info['device_name']})", flush=True)  # fmt: skip
-    profiles = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", il.ConvergenceWarning)
+    # --quick: one thread (on a shared machine, another process makes two-thread runs 10-40x slower in bursts)
+    with common.measuring(args.threads or (1 if args.quick else None)):
+        start = time.perf_counter()
+        setup = {"quick": args.quick, "device": str(device), "repeats": repeats, "warmup": warmup}
+        setup |= {"max_iter": MAX_ITER, "modes": list(configs), "optimizer": "AdamW(lr=1e-3)"} | MEASURES
+        results: dict[str, Any] = {"config": setup, "machine": (info := common.machine(device)), "models": {}}
+        print(f"{common.machine_line(info)} | {info['device']} ({info['device_name']})", flush=True)
+        profiles = []
         for size in sizes:
             batch = args.batch or (4 if args.quick else SIZES[size]["cuda_batch" if device.type == "cuda" else "batch"])
             rows: list[dict[str, Any]] = []

@@ -339,23 +339,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.render:
         results = render.merge([json.loads(path.read_text(encoding="utf-8")) for path in args.render])
     else:
-        torch.set_num_threads(args.threads)
-        start = time.perf_counter()
-        keys = ("quick", "tasks", "seeds", "epochs", "batch", "lr", "weight_decay", "img_size", "patch_size")
-        setup = {key: getattr(args, key) for key in (*keys, "max_batches", "val_limit", "diag_batch", "threads")}
-        setup |= {"true_solve": TRUE_SOLVE, "spectral_radius_iters": SPECTRAL_RADIUS_ITERS}
-        setup["defaults"] = IMixerSettings().to_dict()  # the library's defaults when this ran
-        results = {"config": setup, "machine": (info := common.machine("cpu")), "tasks": {}}
-        threads = f"{info['cpu_count']} CPUs ({info['torch_threads']} threads)"
-        print(f"{info['date_utc']} UTC | {info['platform']} | {threads} | torch {info['torch']} | timm {info['timm']}")
-        with warnings.catch_warnings():
-            # Unconverged solves are recorded (``unconverged``), not warned about.
-            warnings.simplefilter("ignore", il.ConvergenceWarning)
-            warnings.simplefilter("ignore", il.LipschitzWarning)
+        with common.measuring(args.threads), warnings.catch_warnings():
+            warnings.simplefilter("ignore", il.LipschitzWarning)  # the bounds are recorded, not warned about
+            start = time.perf_counter()
+            keys = ("quick", "tasks", "seeds", "epochs", "batch", "lr", "weight_decay", "img_size", "patch_size")
+            setup = {key: getattr(args, key) for key in (*keys, "max_batches", "val_limit", "diag_batch", "threads")}
+            setup |= {"true_solve": TRUE_SOLVE, "spectral_radius_iters": SPECTRAL_RADIUS_ITERS}
+            setup["defaults"] = IMixerSettings().to_dict()  # the library's defaults when this ran
+            results = {"config": setup, "machine": (info := common.machine("cpu")), "tasks": {}}
+            print(common.machine_line(info))
             for name in args.tasks:
                 task = run_task(Task(name, args.img_size, args.val_limit), configs, args)
                 results["tasks"][name] = task | {"epochs": args.epochs, "seeds": args.seeds}
-        results["seconds"] = time.perf_counter() - start
+            results["seconds"] = time.perf_counter() - start
     table = render.training_markdown(results)
     print(table)
     written = []

@@ -231,8 +231,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.max_iter = args.max_iter or (100 if args.quick else 500)
+    with common.measuring(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Builds the problems, solves every case, writes and prints the report; returns it."""
     start = time.perf_counter()
-    torch.set_num_threads(args.threads)
     il_torchdeq.register()
     out, device = args.out, torch.device(args.device)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,12 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = dict(dim=32, batch=8, frames=8, repeats=1) if args.quick else dict(dim=64, batch=32, frames=40, repeats=5)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny solves: thread start-up would dominate
-    try:
+    with common.measuring(threads=1):  # tiny solves: thread start-up would dominate
         results = {"config": config, "rows": [measure(sigma, seed=args.seed, **config) for sigma in (0.01, 0.1, 1.0)]}
-    finally:
-        torch.set_num_threads(threads)
     print(table := render.warm_start_table(results))
     common.write(args.out, "warm_start", results, table)
     return results

@@ -22,9 +22,11 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("imixer_step")
     buffer = io.StringIO()
     threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not --quick's one thread, so that a leak shows
     try:
         with contextlib.redirect_stdout(buffer):
             returned = imixer_step.main(["--quick", "--device", "cpu", "--out", str(out)])
+        assert torch.get_num_threads() == 2, "main() left torch's thread count changed"
     finally:
         torch.set_num_threads(threads)
     return imixer_step, returned, out, buffer.getvalue()

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "warm_start.py"
 
 
@@ -13,7 +15,13 @@ def test_a_quick_run_reports_cold_and_warm_solves(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("warm_start", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--quick", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the run's one thread, so that a leak shows
+    try:
+        results = module.main(["--quick", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 2, "main() left torch's thread count changed"
+    finally:
+        torch.set_num_threads(threads)
     assert "| σ | cold evaluations |" in capsys.readouterr().out
     assert json.loads((tmp_path / "warm_start.json").read_text()) == json.loads(json.dumps(results))
     rows = results["rows"]
