@@ -173,6 +173,18 @@ def model_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def create_model(size: str, options: dict[str, Any], **shape: Any) -> Any:
+    """timm's ``mixer_<size>`` or ``imixer_<size>`` built for a configuration, 10 classes, ``shape`` overriding the
+    registered shape. Seed torch before: the weights are drawn from its global generator."""
+    import timm
+
+    from examples.imixer import imixer  # noqa: F401  (registers the imixer_* / mixer_t* models with timm)
+
+    if options.get("model") == "mixer":
+        return timm.create_model(f"mixer_{size}", num_classes=10, **shape)
+    return timm.create_model(f"imixer_{size}", num_classes=10, **model_kwargs(options), **shape)
+
+
 def is_default(options: dict[str, Any]) -> bool:
     """Whether a configuration trains the library's defaults: its settings equal ``IMixerSettings()``."""
     from examples.imixer.imixer import IMixerSettings

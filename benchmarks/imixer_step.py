@@ -16,13 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import Tensor, nn
 
 import implicitlayers as il
 from benchmarks import common, render
-from examples.imixer import imixer as imixer_model  # noqa: F401  (registers the imixer_* / mixer_t* timm models)
 
 MAX_ITER = 30
 # Batch per size on CPU and on CUDA (a GPU needs larger batches to be busy at all).
@@ -68,9 +66,7 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
 def build(size: str, options: dict[str, Any], device: torch.device, **shape: Any) -> nn.Module:
     """The seeded ``size`` model of a configuration (timm's Mixer or the iMixer), ``shape`` overriding its shape."""
     torch.manual_seed(0)
-    if options.get("model") == "mixer":
-        return timm.create_model(f"mixer_{size}", num_classes=10, **shape).to(device)
-    return timm.create_model(f"imixer_{size}", num_classes=10, **common.model_kwargs(options), **shape).to(device)
+    return common.create_model(size, options, **shape).to(device)
 
 
 def random_batch(batch: int, channels: int, img_size: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ import implicitlayers as il
 from benchmarks import common, render
 from examples.imixer import engine
 from examples.imixer.data import DigitsDataset
-from examples.imixer.imixer import IMixerSettings  # also registers imixer_t4_32 / mixer_t4_32 with timm
+from examples.imixer.imixer import IMixerSettings
 
 TASKS = ("digits", "digits-hard")
 DOCS_DIR = common.REPO / "docs" / "assets" / "imixer_training"
@@ -123,9 +122,7 @@ class Task:
 def build_model(options: dict[str, Any], img_size: int, patch_size: int) -> nn.Module:
     """The configuration's model (call after seeding): the digits 4 × 128 shape, 1 channel, 10 classes."""
     shape = {"img_size": img_size, "in_chans": 1, "patch_size": patch_size, "num_blocks": 4, "embed_dim": 128}
-    if options.get("model", "imixer") == "mixer":
-        return timm.create_model("mixer_t4_32", num_classes=10, **shape)
-    return timm.create_model("imixer_t4_32", num_classes=10, **shape, **common.model_kwargs(options))
+    return common.create_model("t4_32", options, **shape)
 
 
 def implicit_layers(net: nn.Module) -> list[il.ImplicitMLP]:
