@@ -9,17 +9,14 @@ the primitive raises instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from .binding import bind
+from .linear import Adjoint
 from .problem import ForwardRecord, Problem, is_transformed
-
-if TYPE_CHECKING:
-    from .linear import Adjoint
 
 __all__ = ["CAPTURE_MESSAGE", "TRANSFORM_CAPTURE_MESSAGE", "check_captures", "checked", "hook_captured"]
 
@@ -94,8 +91,6 @@ def hook_captured(problem: Problem, record: ForwardRecord, out: Tensor, inputs: 
     replaces the incoming gradient g by the gradient mode's adjoint u, as a hand-written IFT does.
     That is exact to first order; higher orders and forward mode raise, since the hook cannot give them.
     """
-    from .linear import Adjoint
-
     z_leaf = record.z_best.detach().requires_grad_()
     with torch.enable_grad():
         carrier = bind(problem.f, inputs, lambda f: f(z_leaf))

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..solvers import Budget, Solver, SolverResult
 from .binding import PureFunction
-
-if TYPE_CHECKING:
-    from .gradients import Gradient
 
 __all__ = ["ForwardRecord", "Outbox", "Problem", "is_transformed", "make_problem"]
 
@@ -61,7 +58,8 @@ class Problem:
         per_sample: For each input, whether its dim 0 indexes the samples (used by vmap).
         solver: The forward solver.
         budget: The forward solve's budget.
-        gradient: How z* is differentiated (a :class:`~implicitlayers.implicit.gradients.Gradient`).
+        gradient: How z* is differentiated, a :class:`~implicitlayers.implicit.gradients.Gradient` (typed
+            ``Any``: this module is the package's bottom layer and imports none above it, not even for types).
         on_forward: Called with the forward solve's detached result.
         on_backward: Called with each adjoint or tangent solve's detached result.
         record_graph: Keep the forward's last evaluation of f with its graph for the first backward.
@@ -73,7 +71,7 @@ class Problem:
     per_sample: tuple[bool, ...]
     solver: Solver
     budget: Budget
-    gradient: Gradient
+    gradient: Any
     on_forward: Callable[[SolverResult], None] | None = None
     on_backward: Callable[[SolverResult], None] | None = None
     record_graph: bool = False
@@ -88,7 +86,7 @@ def make_problem(
     per_sample: Sequence[bool] | None,
     solver: Solver,
     budget: Budget,
-    gradient: Gradient,
+    gradient: Any,
     on_forward: Callable[[SolverResult], None] | None,
     on_backward: Callable[[SolverResult], None] | None,
 ) -> Problem:
