@@ -23,6 +23,7 @@ from torch import Tensor, nn
 import implicitlayers as il
 from benchmarks import common, render
 from benchmarks import imixer_training as training
+from examples.common import OneLineArgumentParser, int_range
 
 DOCS = {"mlp": common.REPO / "docs" / "assets" / "backward", "imixer": training.DOCS_DIR}
 NAMES = {"mlp": "backward_modes", "imixer": "imixer_backward"}
@@ -49,6 +50,9 @@ MODES: dict[str, dict[str, il.Gradient]] = {
     },
 }
 SETTINGS_SHOWN = ("solver", "backward", "tol", "activation", "coeff")  # the trained iMixer's, in the header
+# --problem imixer's run sizes the command line leaves unset: the full run's, and --quick's (the test's, seconds).
+FULL = {"epochs": 5, "batch": 64, "max_batches": None, "repeats": 5}
+QUICK = {"epochs": 1, "batch": 32, "max_batches": 3, "repeats": 1}
 EXACT = dict(solver=il.Anderson(), budget=il.Budget(max_iter=400, tol=1e-10), backward=il.IFT(max_iter=600, tol=1e-12))
 
 
@@ -184,28 +188,36 @@ def run_imixer(args: argparse.Namespace) -> dict[str, Any]:
     return results | compare_modes(run.net, images[:batch], labels[:batch], args.repeats)
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked, its run sizes resolved (:data:`FULL` / :data:`QUICK`, a value given wins)."""
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problem", choices=sorted(MODES), default="mlp", help="the DEQ layer or a trained iMixer")
     parser.add_argument("--quick", action="store_true", help="small problem / 1 epoch of 3 batches, 1 repeat")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="output folder")
     parser.add_argument("--docs", action="store_true", help="also write the results to the docs' assets")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (side-by-side ratios: 1)")
+    parser.add_argument("--threads", type=int_range(1), default=1, help="torch threads (side-by-side ratios: 1)")
     imixer = parser.add_argument_group("--problem imixer")
     imixer.add_argument("--config", default="", help="key:value,... (default: the library's defaults)")
     imixer.add_argument("--task", choices=training.TASKS, default="digits-hard")
-    imixer.add_argument("--epochs", type=int, default=5)
-    imixer.add_argument("--batch", type=int, default=64)
-    imixer.add_argument("--max-batches", type=int, default=None, help="training batches per epoch (default: all)")
-    imixer.add_argument("--repeats", type=int, default=5)
+    imixer.add_argument("--epochs", type=int_range(1), default=None, help="training epochs (default 5; 1 quick)")
+    imixer.add_argument("--batch", type=int_range(1), default=None, help="batch size (default 64; 32 quick)")
+    imixer.add_argument("--max-batches", type=int_range(1), default=None,
+                        help="training batches per epoch (default: all; 3 quick)")  # fmt: skip
+    imixer.add_argument("--repeats", type=int_range(1), default=None, help="timed repeats (default 5; 1 quick)")
     args = parser.parse_args(argv)
-    if args.quick and args.problem == "imixer":
-        args.epochs, args.batch, args.max_batches, args.repeats = 1, 32, 3, 1
+    for key, default in (QUICK if args.quick else FULL).items():
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     try:
         common.parse_config(f"trained={args.config}")
     except ValueError as error:
         parser.error(str(error))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Measures the ``--problem``'s gradient modes, prints the table, writes JSON and Markdown; returns the results."""
+    args = parse_args(argv)
     with common.measuring(args.threads):
         results = run_mlp(args) if args.problem == "mlp" else run_imixer(args)
     table = render.backward_mlp_markdown(results) if args.problem == "mlp" else render.backward_imixer_markdown(results)

@@ -6,7 +6,6 @@ P4 (IFT gradients) and P7 (acceleration) measure and when each holds: benchmarks
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -21,6 +20,7 @@ from torch.func import jacrev, vmap
 
 import implicitlayers as il
 from benchmarks import common, render
+from examples.common import OneLineArgumentParser
 from implicitlayers.problems import symmetric_tanh_problem
 
 SOLVERS = ["picard", "anderson", "broyden"]
@@ -157,7 +157,7 @@ def run(seed: int = 0, quick: bool = False) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Prints the report (and writes JSON with ``--json PATH``); returns the results."""
-    parser = argparse.ArgumentParser(description="Numbers behind implicitlayers' core properties P3, P4, P7.")
+    parser = OneLineArgumentParser(description="Numbers behind implicitlayers' core properties P3, P4, P7.")
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.add_argument("--quick", action="store_true", help="smaller problems (seconds)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

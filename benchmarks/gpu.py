@@ -8,7 +8,6 @@ What it measures and why: benchmarks/README.md, "The prepared GPU run".
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from benchmarks import backward, common, imixer_step, render, solvers
+from examples.common import OneLineArgumentParser, first_line
 
 SHAPES = {
     "s16_224": {"model": "s16_224", "kwargs": {}, "batch": 8, "channels": 3, "img_size": 224},
@@ -107,12 +107,15 @@ def gradient_modes(device: torch.device, quick: bool) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="where to measure (default cuda)")
     parser.add_argument("--quick", action="store_true", help="the 28 px model at batch 4, 2 repeats: for the test")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "gpu", help="output folder")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {first_line(error)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu for a dry run)")
     shapes = {"t4_28": SHAPES["t4_28"] | {"batch": 4}} if args.quick else SHAPES

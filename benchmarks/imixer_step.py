@@ -8,7 +8,6 @@ training step's time goes".
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import weakref
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 import implicitlayers as il
 from benchmarks import common, render
+from examples.common import OneLineArgumentParser, int_range
 
 MAX_ITER = 30
 # Batch per size on CPU and on CUDA (a GPU needs larger batches to be busy at all).
@@ -254,25 +254,23 @@ def equal_residual(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the markdown table, writes JSON and markdown; returns the results."""
-    parser = argparse.ArgumentParser(description="iMixer training step / memory / throughput vs timm's Mixer.")
+    parser = OneLineArgumentParser(description="iMixer training step / memory / throughput vs timm's Mixer.")
     parser.add_argument("--quick", action="store_true", help="t4_32 only, batch 4, seven configurations, 2 repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="output directory")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 2 quick, 5 full)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1 quick, 2 full)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 quick)")
+    parser.add_argument("--repeats", type=int_range(1), default=None, help="timed repeats (default 2 quick, 5 full)")
+    parser.add_argument("--warmup", type=int_range(0), default=None, help="untimed steps (default 1 quick, 2 full)")
+    parser.add_argument("--threads", type=int_range(1), default=None, help="torch threads (default: torch's; 1 quick)")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None, help="model sizes to run")
     parser.add_argument("--configs", nargs="+", default=None,
                         help="grid names, presets or name=key:value,... (default: all; mixer always runs)")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=None, help="batch size for every model size")
+    parser.add_argument("--batch", type=int_range(1), default=None, help="batch size for every model size")
     parser.add_argument("--profile", action="store_true", help="also profile one step per configuration")
     args = parser.parse_args(argv)
     try:
         configs = dict(parse(spec) for spec in args.configs) if args.configs else None
     except ValueError as error:
         parser.error(f"--configs: {error}")
-    if args.batch is not None and args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
     configs = configs or ({name: parse(name)[1] for name in QUICK_CONFIGS} if args.quick else all_configs())
     configs = {"mixer": common.PRESETS["mixer"]} | {k: v for k, v in configs.items() if v.get("model") != "mixer"}
     device = torch.device(args.device)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 import implicitlayers as il
 from benchmarks import common, render
+from examples.common import OneLineArgumentParser, float_range, int_range
 from examples.imixer import engine
 from examples.imixer.data import DigitsDataset
 from examples.imixer.imixer import IMixerSettings
@@ -286,21 +287,22 @@ def run_task(task: Task, configs: list[tuple[str, dict[str, Any]]], args: argpar
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tuple[str, dict[str, Any]]]]:
     """The command line, its run sizes resolved (:data:`FULL` / :data:`QUICK`), and the validated configurations."""
-    parser = argparse.ArgumentParser(description="iMixer training dynamics: iterations, inverse accuracy, cost.")
+    parser = OneLineArgumentParser(description="iMixer training dynamics: iterations, inverse accuracy, cost.")
+    counts, sizes = int_range(1), int_range(0)  # for the run sizes, 0 means the set's value
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["digits"])
     configs = f"preset names {sorted(common.PRESETS)} or name=key:value,... (default {list(DEFAULT_CONFIGS)})"
     parser.add_argument("--configs", nargs="+", default=None, help=configs)
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs (default 5; 1 with --quick)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 64; 32 with --quick)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--img-size", type=int, default=16)
-    parser.add_argument("--patch-size", type=int, default=2)
-    parser.add_argument("--max-batches", type=int, default=None, help="training batches per epoch (default: all)")
-    parser.add_argument("--val-limit", type=int, default=None, help="validation images kept (default: all)")
-    parser.add_argument("--diag-batch", type=int, default=None, help="validation images of the diagnostics (64)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
+    parser.add_argument("--seeds", type=counts, default=None, help="number of seeds (default 3; 1 with --quick)")
+    parser.add_argument("--epochs", type=counts, default=None, help="epochs (default 5; 1 with --quick)")
+    parser.add_argument("--batch", type=sizes, default=None, help="batch size (default 64; 32 with --quick)")
+    parser.add_argument("--lr", type=float_range(0.0, low_open=True), default=2e-3)
+    parser.add_argument("--weight-decay", type=float_range(0.0), default=0.05)
+    parser.add_argument("--img-size", type=counts, default=16)
+    parser.add_argument("--patch-size", type=counts, default=2)
+    parser.add_argument("--max-batches", type=sizes, default=None, help="training batches per epoch (default: all)")
+    parser.add_argument("--val-limit", type=sizes, default=None, help="validation images kept (default: all)")
+    parser.add_argument("--diag-batch", type=sizes, default=None, help="validation images of the diagnostics (64)")
+    parser.add_argument("--threads", type=sizes, default=None, help="torch threads (default 2; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1 epoch of 3 batches of 32: for the test")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="output directory")
     parser.add_argument("--docs", action="store_true", help=f"also write the outputs to {DOCS_DIR}")
@@ -309,13 +311,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tup
     args = parser.parse_args(argv)
     if args.render:  # nothing else is used, or checked
         return args, []
-    for key, default in (QUICK if args.quick else FULL).items():
-        # Unset takes the default; so does 0, except for --seeds and --epochs, where it is an error below.
-        if getattr(args, key) is None or (getattr(args, key) == 0 and key not in ("seeds", "epochs")):
+    for key, default in (QUICK if args.quick else FULL).items():  # unset (or 0) takes the set's value
+        if not getattr(args, key):
             setattr(args, key, default)
     args.seeds = list(range(args.seeds))
-    if not args.seeds or args.epochs < 1 or args.batch < 1 or args.diag_batch < 1:
-        parser.error("--seeds, --epochs, --batch and --diag-batch must be >= 1")
     if args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     try:

@@ -4,7 +4,6 @@ Usage: ``python -m benchmarks.revisions --base REV [--rounds N]``; benchmarks/RE
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -14,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.common import REPO
+from examples.common import OneLineArgumentParser, int_range
 
 # Run in each tree's root (its implicitlayers first on sys.path): only calls spelled alike in both revisions.
 WORKLOAD = r"""
@@ -46,15 +46,18 @@ print(json.dumps(out))
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision to compare the working tree with")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating runs of each side")
+    parser.add_argument("--rounds", type=int_range(1), default=5, help="alternating runs of each side")
     args = parser.parse_args(argv)
     samples: dict[str, dict[str, list[float]]] = {"new": {}, "base": {}}
     python = partial(subprocess.run, [sys.executable, "-c", WORKLOAD], capture_output=True, text=True, check=True)
     with tempfile.TemporaryDirectory() as folder:
         base, git = Path(folder) / "base", partial(subprocess.run, cwd=REPO, check=True)
-        git(["git", "worktree", "add", "--detach", str(base), args.base], capture_output=True)
+        added = git(["git", "worktree", "add", "--detach", str(base), args.base], capture_output=True, text=True,
+                    check=False)  # fmt: skip
+        if added.returncode:  # not a revision of this repository, say: git's own last line
+            parser.error(f"--base {args.base!r}: " + (added.stderr.strip().splitlines() or ["git worktree failed"])[-1])
         try:  # the sides alternate, so that a busy machine slows both alike
             for side, root in (("new", REPO), ("base", base)) * args.rounds:
                 timings = json.loads(python(cwd=root).stdout.strip().splitlines()[-1])  # a fresh process each time

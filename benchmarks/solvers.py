@@ -23,6 +23,7 @@ from torch import Tensor
 import implicitlayers as il
 from benchmarks import common, render
 from benchmarks.render import OURS, PAIRS
+from examples.common import OneLineArgumentParser, int_range
 from implicitlayers.contrib import torchdeq as il_torchdeq
 from implicitlayers.problems import symmetric_tanh_problem
 
@@ -219,15 +220,15 @@ def plot_traces(results: list[dict], problems: Sequence[Problem], out: Path) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--quick", action="store_true", help="small problems, 3 repeats, a short training run")
     add("--out", type=Path, default=common.RESULTS, help="output directory")
-    add("--repeats", type=int, default=None, help="timed runs per case (default 5; --quick: 3)")
-    add("--max-iter", type=int, default=None, help="iteration cap (default 500; --quick: 100)")
+    add("--repeats", type=int_range(1), default=None, help="timed runs per case (default 5; --quick: 3)")
+    add("--max-iter", type=int_range(1), default=None, help="iteration cap (default 500; --quick: 100)")
     add("--seed", type=int, default=0)
     add("--device", choices=["cpu", "cuda"], default="cpu", help="where the solves run (default cpu)")
-    add("--threads", type=int, default=1, help="torch threads (default 1: these small problems are op-overhead bound)")
+    add("--threads", type=int_range(1), default=1, help="torch threads (default 1: small problems, op-overhead bound)")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.max_iter = args.max_iter or (100 if args.quick else 500)

@@ -4,7 +4,6 @@ Usage: ``python -m benchmarks.warm_start [--quick] [--out DIR] [--seed N]``; see
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import implicitlayers as il
 from benchmarks import common, render
 from benchmarks.backward import Cell
+from examples.common import OneLineArgumentParser
 
 
 def run_sequence(layer: il.ImplicitLayer, frames: list[torch.Tensor], warm: bool) -> int:
@@ -42,7 +42,7 @@ def measure(sigma: float, dim: int, batch: int, frames: int, repeats: int, seed:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short sequences, 1 repeat")
     parser.add_argument("--out", type=Path, default=common.RESULTS, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
