@@ -14,15 +14,20 @@ It prints three things:
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: import the package from the repository root instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import implicitlayers as il
+from examples.common import OneLineArgumentParser
 from implicitlayers.problems import symmetric_tanh_problem
 
 SOLVERS = ["picard", "anderson", "broyden"]
@@ -95,17 +100,19 @@ def ift_backward(batch: int, tol: float, seed: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the three demos; ``argv`` as for the command line (``--seed``, ``--quick``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     parser.add_argument("--quick", action="store_true", help="smaller batches (for tests)")
     args = parser.parse_args(argv)
+    batch, tol, threads = 16 if args.quick else 256, 1e-8, torch.get_num_threads()
     # The problems are small: one thread avoids thread start-up costs dominating the timings.
     torch.set_num_threads(1)
-    batch = 16 if args.quick else 256
-    tol = 1e-8
-    implicit_mlp_table(batch, tol, args.seed)
-    slow_problem_table(8 if args.quick else 32, 1e-6, args.seed)
-    ift_backward(batch, tol, args.seed)
+    try:
+        implicit_mlp_table(batch, tol, args.seed)
+        slow_problem_table(8 if args.quick else 32, 1e-6, args.seed)
+        ift_backward(batch, tol, args.seed)
+    finally:  # a caller in the same process (a test) keeps its thread count
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

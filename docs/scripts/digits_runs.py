@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from examples.common import OneLineArgumentParser, int_range
+
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS_SHOWN = (1, 5, 10, 15, 20)  # the epochs whose largest iteration count the table lists
 OUT_DIR = ROOT / "docs" / "assets" / "imixer"
@@ -196,10 +198,10 @@ def digits_table(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="where train.py writes (default: a temp dir)")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved (default 3)")
+    parser.add_argument("--repeats", type=int_range(1), default=3, help="runs of each setting, interleaved (default 3)")
     parser.add_argument("--render", action="store_true", help="only re-render the table from the JSON")
     args = parser.parse_args(argv)
     json_path, md_path = args.out_dir / "digits_runs.json", args.out_dir / "digits_runs.md"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from examples import quickstart
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -14,21 +20,11 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 @pytest.fixture(scope="module")
 def output() -> str:
-    import contextlib
-    import io
-
-    import torch
-
-    spec = importlib.util.spec_from_file_location("quickstart", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            module.main(["--quick", "--seed", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(buffer):
+        quickstart.main(["--quick", "--seed", "1"])
+    assert torch.get_num_threads() == threads  # it runs on one thread, and gives the caller's count back
     return buffer.getvalue()
 
 
@@ -77,3 +73,10 @@ def test_ift_backward_reports_a_converged_adjoint_solve(output):
     assert float(match.group(3)) <= 1e-8 and match.group(4) == "100"
     grads = re.search(rf"\|dL/dx\| = ({NUMBER}), \|dL/dtheta\| = ({NUMBER})", output)
     assert grads is not None and float(grads.group(1)) > 0 and float(grads.group(2)) > 0
+
+
+def test_bad_input_is_one_line_and_status_2():
+    # As the README runs it: a script, from any folder.
+    done = subprocess.run([sys.executable, str(SCRIPT), "--seed", "x"], capture_output=True, text=True, cwd="/")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["quickstart.py: error: argument --seed: invalid int value: 'x'"]
