@@ -103,6 +103,12 @@ def test_implicit_mlp_accepts_any_leading_shape_and_rows_are_independent():
     torch.testing.assert_close(layer(x[1, 2]), z[1, 2])
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
         layer(torch.randn(3, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\), got \(\)"):
+        layer(torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(layer.inverse(z), x, rtol=0, atol=1e-4)  # inverse takes the same shapes
+    for bad in (torch.randn(3, 7, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., 8\)"):
+            layer.inverse(bad)
 
 
 def test_default_implicit_mlp_converges_and_trains():

@@ -232,8 +232,7 @@ class ImplicitMLP(FixedPointModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """Solves z = x + g(z) row by row; shape ``(..., features)``."""
-        if x.shape[-1] != self.features:
-            raise ValueError(f"x must have shape (..., {self.features}), got {tuple(x.shape)}")
+        self._check_features(x, "x")
         rows = x.reshape(-1, self.features)
         z0 = initial_guess(self.z_init, rows)
         z = self.fixed_point(lambda z, rows: rows + self.g(z), z0, rows)
@@ -246,8 +245,13 @@ class ImplicitMLP(FixedPointModule):
         power iteration of the spectrally normalised weights, so ``inverse(forward(x))`` recovers x
         to the solve's tolerance in training mode too.
         """
+        self._check_features(z, "z")
         with _frozen_normalisation(self):
             return z - self.g(z)
+
+    def _check_features(self, tensor: Tensor, name: str) -> None:
+        if tensor.dim() == 0 or tensor.shape[-1] != self.features:
+            raise ValueError(f"{name} must have shape (..., {self.features}), got {tuple(tensor.shape)}")
 
     def __prepare_scriptable__(self) -> ImplicitMLP:
         """Refuses ``torch.jit.script`` with the reason, before TorchScript compiles anything.
