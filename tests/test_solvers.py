@@ -130,7 +130,9 @@ def slow_problem(dim: int, batch: int, seed: int) -> TanhProblem:
 def test_acceleration_beats_picard_threefold_on_a_slow_problem(dim, seed):
     """On the rows Picard finds slow (rate near one and hundreds of its steps), Anderson and Broyden take at
     most a third of its steps."""
-    f = slow_problem(dim, batch=4, seed=seed)
+    # 16 rows: about half the draws hold a slow row (a third with 4 rows, too few for Hypothesis's
+    # filter health check, which failed a dev-profile run with 8 kept of 58 drawn).
+    f = slow_problem(dim, batch=16, seed=seed)
     results = {
         solver: il.solve(f, torch.zeros_like(f.drive), solver=solver, tol=1e-6, max_iter=5000) for solver in BUILTIN
     }
