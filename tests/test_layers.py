@@ -280,6 +280,39 @@ def test_bad_layer_arguments_raise_value_errors(kwargs, message):
         quiet(il.ImplicitMLP, 4, 8, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("name", "bad", "good", "message"),
+    [
+        ("on_nonconvergence", "rasie", "raise", r"on_nonconvergence must be one of \['warn', 'raise', 'ignore'\]"),
+        ("warm_start", "yes", True, "warm_start must be True or False"),
+        ("jacobian_penalty", -1, 2, "jacobian_penalty must be an integer >= 0"),
+        ("spectral_radius_iters", 1, 3, "spectral_radius_iters must be 0 or an integer >= 2"),
+        ("correction_states_count", 1.5, 2, "correction_states_count must be an integer >= 0"),
+    ],
+)
+def test_a_setting_assigned_after_construction_is_checked_as_at_it(name, bad, good, message):
+    layer = quiet(il.ImplicitMLP, 4, 8)
+    before = getattr(layer, name)
+    with pytest.raises(ValueError, match=message):
+        setattr(layer, name, bad)
+    assert getattr(layer, name) == before  # a refused value leaves the setting as it was
+    setattr(layer, name, good)
+    assert getattr(layer, name) == good
+    with pytest.raises(ValueError, match=name if name != "correction_states_count" else "correction_states"):
+        quiet(il.ImplicitMLP, 4, 8, **{name.removesuffix("_count"): bad})
+
+
+def test_a_setting_assigned_after_construction_takes_effect():
+    torch.manual_seed(0)
+    layer = quiet(il.ImplicitMLP, 4, 8, max_iter=1)  # one evaluation cannot reach tol 1e-4
+    layer.on_nonconvergence = "raise"
+    with pytest.raises(il.ConvergenceError):
+        layer(torch.randn(3, 4))
+    layer.on_nonconvergence, layer.spectral_radius_iters = "ignore", 3
+    layer(torch.randn(3, 4))
+    assert layer.stats.spectral_radius.shape == (3,)
+
+
 def test_implicit_layer_requires_a_callable():
     with pytest.raises(ValueError, match="f must be callable"):
         il.ImplicitLayer("tanh")

@@ -39,6 +39,40 @@ RENAMED_OPTIONS = {
 }
 
 
+class _Setting:
+    """A layer setting checked on every assignment, after construction as at it: a typo such as
+    ``layer.on_nonconvergence = "rasie"`` raises instead of leaving the layer warning."""
+
+    def __init__(self, check: Callable[[str, Any], None]) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else getattr(layer, self.slot)
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        self.check(self.name, value)
+        setattr(layer, self.slot, value)
+
+
+def _check_policy(name: str, value: Any) -> None:
+    if value not in NONCONVERGENCE_POLICIES:
+        raise ValueError(f"{name} must be one of {list(NONCONVERGENCE_POLICIES)}, got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_krylov_steps(name: str, value: Any) -> None:
+    # 0 computes nothing; an estimate needs at least two steps.
+    if isinstance(value, bool) or not isinstance(value, int) or value == 1 or value < 0:
+        raise ValueError(f"{name} must be 0 or an integer >= 2, got {value!r}")
+
+
 def reject_unknown(owner: str, options: dict[str, Any]) -> None:
     """Raises ``TypeError`` for keywords a layer does not take, naming the new spelling of renamed ones."""
     for name in options:
@@ -89,6 +123,13 @@ class FixedPointModule(nn.Module):
         TypeError: For a keyword of the earlier flat interface; the message names the new spelling.
     """
 
+    # Assignable after construction, each checked as the constructor checks it.
+    on_nonconvergence = _Setting(_check_policy)
+    warm_start = _Setting(_check_bool)
+    jacobian_penalty = _Setting(functools.partial(check_int_at_least, minimum=0))
+    spectral_radius_iters = _Setting(_check_krylov_steps)
+    correction_states_count = _Setting(functools.partial(check_int_at_least, minimum=0))
+
     def __init__(
         self,
         *,
@@ -112,20 +153,11 @@ class FixedPointModule(nn.Module):
         check_compatible(self._solver, self._backward)
         self.budget = _with_shorthands(Budget() if budget is None else budget, max_iter, tol)
         self.eval_budget = eval_budget
-        if on_nonconvergence not in NONCONVERGENCE_POLICIES:
-            raise ValueError(
-                f"on_nonconvergence must be one of {list(NONCONVERGENCE_POLICIES)}, got {on_nonconvergence!r}"
-            )
-        if not isinstance(warm_start, bool):
-            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
-        check_int_at_least("jacobian_penalty", jacobian_penalty, 0)
-        check_int_at_least("correction_states", correction_states, 0)
-        if spectral_radius_iters != 0:
-            check_int_at_least("spectral_radius_iters", spectral_radius_iters, 2)
         self.on_nonconvergence = on_nonconvergence
         self.warm_start = warm_start
         self.jacobian_penalty = jacobian_penalty
         self.spectral_radius_iters = spectral_radius_iters
+        check_int_at_least("correction_states", correction_states, 0)  # named as the keyword is
         self.correction_states_count = correction_states
         self.correction_states: list[Any] | None = None
         self.stats: SolverResult | None = None
