@@ -206,8 +206,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="training batches per epoch (default: all; 3 quick)")  # fmt: skip
     imixer.add_argument("--repeats", type=int_range(1), default=None, help="timed repeats (default 5; 1 quick)")
     args = parser.parse_args(argv)
-    for key, default in (QUICK if args.quick else FULL).items():
-        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
+    common.fill_run_sizes(args, FULL, QUICK)
     try:
         common.parse_config(f"trained={args.config}")
     except ValueError as error:

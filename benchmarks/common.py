@@ -77,6 +77,14 @@ def measuring(threads: int | None = None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def fill_run_sizes(args: Any, full: dict[str, Any], quick: dict[str, Any]) -> None:
+    """Sets each run size ``args`` leaves unset (None, or 0 where its flag accepts 0) to the value of ``--quick``'s
+    set or of the full run's: a value given explicitly wins over either."""
+    for key, default in (quick if args.quick else full).items():
+        if not getattr(args, key):
+            setattr(args, key, default)
+
+
 def timed(fn: Callable[[], Any], device: Any = "cpu", warmup: int = 1, repeats: int = 5) -> tuple[float, list, Any]:
     """``(median seconds, every time, the last call's result)`` of ``repeats`` calls after ``warmup``."""
     out = None

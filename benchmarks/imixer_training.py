@@ -311,9 +311,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[tup
     args = parser.parse_args(argv)
     if args.render:  # nothing else is used, or checked
         return args, []
-    for key, default in (QUICK if args.quick else FULL).items():  # unset (or 0) takes the set's value
-        if not getattr(args, key):
-            setattr(args, key, default)
+    common.fill_run_sizes(args, FULL, QUICK)
     args.seeds = list(range(args.seeds))
     if args.img_size % args.patch_size:
         parser.error(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
