@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "warm_start.py"
+from benchmarks import warm_start
 
 
 def test_a_quick_run_reports_cold_and_warm_solves(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("warm_start", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # not the run's one thread, so that a leak shows
     try:
-        results = module.main(["--quick", "--out", str(tmp_path)])
+        results = warm_start.main(["--quick", "--out", str(tmp_path)])
         assert torch.get_num_threads() == 2, "main() left torch's thread count changed"
     finally:
         torch.set_num_threads(threads)
